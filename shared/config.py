@@ -1,0 +1,183 @@
+"""The config schema: one TOML file decoded by msgspec into Structs.
+
+Unknown keys and wrong types are errors that name the key path (``$.models.llama.ttl``), so a
+typo never silently falls back to a default. ``check()`` adds the semantic checks msgspec cannot
+express (paths exist, sizes parse, aliases unique) and returns every problem at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from mlx_supervisor.shared.sizes import parse_size
+
+Kind = Literal["lm", "vlm", "embeddings", "fake"]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(Strict):
+    path: str | None = None
+    """A local model directory (config.json + weights)."""
+    repo: str | None = None
+    """A Hugging Face repo id resolved in the local HF cache (never downloaded unless allowed)."""
+    kind: Kind | None = None
+    """lm, vlm or embeddings; detected from config.json when absent. ``fake`` is the test worker."""
+    pinned: bool = False
+    ttl: float | None = None
+    """Seconds idle before unload; None = the server default; 0 = never."""
+    aliases: list[str] = []
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    memory: str | None = None
+    """Override the on-disk estimate, e.g. "6GB"."""
+    context_length: int | None = None
+    env: dict[str, str] = {}
+    """Extra environment for this model's worker process."""
+    # Sharded models (mlx.distributed): one logical worker spread over ranks.
+    hosts: list[str] = []
+    backend: Literal["ring", "jaccl", "mpi"] = "ring"
+    parallel: Literal["tensor", "pipeline"] = "tensor"
+
+
+class LedgerConfig(Strict):
+    enabled: bool = True
+    path: str | None = None
+    retention_days: float = 7.0
+    max_rows: int = 1_000_000
+    store_bodies: bool = False
+
+
+class VisionConfig(Strict):
+    allow_remote_images: bool = False
+    image_dirs: list[str] = []
+    """Directories that ``file://`` image URLs may point into."""
+    max_image_bytes: int = 20 * 2**20
+    fetch_timeout: float = 10.0
+
+
+class Config(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    admin_key: str | None = None
+    memory_budget: str = "75%"
+    max_models: int = 0
+    """Cap on hot workers; 0 = no cap beyond memory."""
+    default_ttl: float = 0.0
+    max_concurrency: int = 8
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    max_body_bytes: int = 16 * 2**20
+    load_timeout: float = 300.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+    stop_grace: float = 5.0
+    """Seconds a worker gets to exit after a Shutdown message before SIGTERM (then SIGKILL)."""
+    headroom: float = 0.2
+    max_crashes: int = 3
+    crash_window: float = 60.0
+    warm_spare: bool = True
+    discover_hf_cache: bool = False
+    allow_download: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    run_dir: str | None = None
+    log_dir: str | None = None
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    vision: VisionConfig = msgspec.field(default_factory=VisionConfig)
+    models: dict[str, ModelConfig] = {}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``problems`` lists every ``(key path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  {k}: {m}" for k, m in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+def _split_msgspec_error(err: Exception) -> tuple[str, str]:
+    text = str(err)
+    if " - at `" in text:
+        msg, _, path = text.rpartition(" - at `")
+        return path.rstrip("`"), msg
+    return "$", text
+
+
+def loads(text: str, source: str = "config") -> Config:
+    """Parse and type-check TOML text (no semantic checks)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("$", f"invalid TOML: {e}")], source) from None
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError([_split_msgspec_error(e)], source) from None
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([("$", f"cannot read {p}: {e.strerror}")], str(p)) from None
+    cfg = loads(text, str(p))
+    # Relative model paths are relative to the config file, not the cwd of whoever started us.
+    for m in cfg.models.values():
+        if m.path and not Path(m.path).expanduser().is_absolute():
+            m.path = str((p.parent / m.path).resolve())
+    return cfg
+
+
+def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
+    """Every problem a well-typed config can still have."""
+    out: list[tuple[str, str]] = []
+    try:
+        budget = parse_size(cfg.memory_budget, total_memory)
+    except ValueError as e:
+        out.append(("$.memory_budget", str(e)))
+        budget = None
+    for key in ("max_concurrency", "max_queue", "max_body_bytes", "port"):
+        if getattr(cfg, key) < (0 if key == "max_queue" else 1):
+            out.append((f"$.{key}", f"must be positive, got {getattr(cfg, key)}"))
+    if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
+        out.append(("$.heartbeat_timeout", "must be larger than heartbeat_interval"))
+    names: dict[str, str] = {}
+    for name, m in cfg.models.items():
+        at = f"$.models.{name}"
+        if not name or "/" in name and m.repo is None and m.path is None:
+            out.append((at, "bad model name"))
+        if (m.path is None) == (m.repo is None):
+            out.append((at, "needs exactly one of `path` or `repo`"))
+        elif m.path and m.kind != "fake" and not Path(m.path).expanduser().is_dir():
+            out.append((f"{at}.path", f"not a directory: {m.path}"))
+        if m.ttl is not None and m.ttl < 0:
+            out.append((f"{at}.ttl", "must be >= 0 (0 = never unload)"))
+        if m.memory is not None:
+            try:
+                need = parse_size(m.memory)
+                if budget is not None and need > budget:
+                    out.append((f"{at}.memory", f"{m.memory} is larger than the whole memory budget"))
+            except ValueError as e:
+                out.append((f"{at}.memory", str(e)))
+        for alias in [name, *m.aliases]:
+            if alias in names and names[alias] != name:
+                out.append((f"{at}.aliases", f"{alias!r} is already used by model {names[alias]!r}"))
+            names[alias] = name
+    return out

@@ -1,0 +1,189 @@
+"""The gateway <-> worker wire protocol.
+
+Every message is a msgspec Struct in one tagged union, encoded as msgpack. The ROUTER in the
+gateway sees ``[routing_id, payload]`` frames; a worker's DEALER sends bare ``payload`` frames.
+A frame that does not decode raises ``msgspec.DecodeError`` from :func:`decode`; callers log
+and drop it, never crash on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class Base(msgspec.Struct, tag_field="t", omit_defaults=True, forbid_unknown_fields=False):
+    """Common base: tagged by class name so the union decodes without a schema lookup."""
+
+
+# ---------------------------------------------------------------- gateway -> worker
+
+
+class Generate(Base, tag="generate"):
+    """One text (or vision) generation. Exactly one of ``messages``/``prompt``/``prompt_ids``."""
+
+    id: str
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    images: list[bytes] = []
+    """Raw image file bytes (PNG/JPEG), already fetched and size-checked by the gateway."""
+
+
+class Load(Base, tag="load"):
+    """Tell a warm spare (started with ``--spare``, imports done, no model) which model to load."""
+
+    model_id: str
+    path: str
+    kind: str
+    context_length: int = 0
+
+
+class Embed(Base, tag="embed"):
+    id: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+
+
+class Cancel(Base, tag="cancel"):
+    id: str
+
+
+class Shutdown(Base, tag="shutdown"):
+    reason: str = ""
+
+
+class Ping(Base, tag="ping"):
+    """Gateway liveness for the worker: a worker that hears nothing for a while exits."""
+
+
+# ---------------------------------------------------------------- worker -> gateway
+
+
+class Memory(msgspec.Struct, omit_defaults=True):
+    active: int = 0
+    cache: int = 0
+    peak: int = 0
+    rss: int = 0
+
+    @property
+    def footprint(self) -> int:
+        """What the ledger charges: MLX buffers (active + cache) or RSS, whichever is larger."""
+        return max(self.active + self.cache, self.rss)
+
+
+class Hello(Base, tag="hello"):
+    """First message after connect: the worker is alive and loading."""
+
+    pid: int
+
+
+class Ready(Base, tag="ready"):
+    pid: int
+    kind: str
+    load_seconds: float
+    memory: Memory
+    context_length: int = 0
+    embedding_dims: int = 0
+
+
+class LoadFailed(Base, tag="load_failed"):
+    reason: str
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = []
+
+
+class Chunk(Base, tag="chunk"):
+    """Text produced since the last chunk; ``tokens`` counts the tokens behind it."""
+
+    id: str
+    text: str
+    tokens: int = 1
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Started(Base, tag="started"):
+    """The request left the worker's queue and is being prefilled."""
+
+    id: str
+    prompt_tokens: int = 0
+
+
+class Done(Base, tag="done"):
+    id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class Embeddings(Base, tag="embeddings"):
+    """Float32 little-endian vectors, one ``bytes`` per input."""
+
+    id: str
+    vectors: list[bytes]
+    dims: int
+    prompt_tokens: int
+
+
+class Error(Base, tag="error"):
+    """A request failed. ``status`` is the HTTP status the gateway should answer with."""
+
+    id: str
+    message: str
+    status: int = 500
+    code: str = "worker_error"
+    param: str | None = None
+
+
+class Heartbeat(Base, tag="heartbeat"):
+    memory: Memory
+    inflight: int = 0
+    queued: int = 0
+
+
+ToWorker = Union[Load, Generate, Embed, Cancel, Shutdown, Ping]
+FromWorker = Union[
+    Hello, Ready, LoadFailed, Started, Chunk, Done, Embeddings, Error, Heartbeat
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: Base) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    return _from_worker.decode(data)
+
+
+# Exit codes a worker reserves so the gateway can tell why it ended (as gunicorn does at boot).
+EXIT_LOAD_FAILED = 3
+EXIT_PARENT_GONE = 4
+EXIT_BAD_ARGS = 2
