@@ -125,10 +125,27 @@ def loads(text: str, source: str = "config") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("$", f"invalid TOML: {e}")], source) from None
+    # Models are converted one by one so an error names the model, not ``$.models[...]``.
+    raw_models = raw.pop("models", {})
+    problems: list[tuple[str, str]] = []
+    models: dict[str, ModelConfig] = {}
+    if not isinstance(raw_models, dict):
+        problems.append(("$.models", "must be a table of [models.NAME] entries"))
+        raw_models = {}
+    for name, body in raw_models.items():
+        try:
+            models[name] = msgspec.convert(body, ModelConfig)
+        except msgspec.ValidationError as e:
+            path, msg = _split_msgspec_error(e)
+            problems.append((f"$.models.{name}{path[1:]}", msg))
     try:
-        return msgspec.convert(raw, Config)
+        cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
-        raise ConfigError([_split_msgspec_error(e)], source) from None
+        problems.insert(0, _split_msgspec_error(e))
+    if problems:
+        raise ConfigError(problems, source)
+    cfg.models = models
+    return cfg
 
 
 def load(path: str | Path) -> Config:

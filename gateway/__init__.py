@@ -1,0 +1,1 @@
+"""The parent process: HTTP app, supervisor, CLI and daemon. Never imports mlx."""
