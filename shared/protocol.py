@@ -8,7 +8,7 @@ and drop it, never crash on it.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -161,10 +161,10 @@ class Heartbeat(Base, tag="heartbeat"):
     queued: int = 0
 
 
-ToWorker = Union[Load, Generate, Embed, Cancel, Shutdown, Ping]
-FromWorker = Union[
-    Hello, Ready, LoadFailed, Started, Chunk, Done, Embeddings, Error, Heartbeat
-]
+ToWorker = Load | Generate | Embed | Cancel | Shutdown | Ping
+FromWorker = (
+    Hello | Ready | LoadFailed | Started | Chunk | Done | Embeddings | Error | Heartbeat
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -1,0 +1,148 @@
+"""The gateway's one ROUTER socket: sends to workers, routes what they send back.
+
+Replies that carry a request id go to that request's stream (an asyncio queue the route reads);
+everything else (hello, ready, heartbeats) goes to the supervisor as an event. Frames from a
+routing id we did not spawn, and frames that do not decode, are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+from mlx_supervisor.shared import protocol as p
+
+log = logging.getLogger("mlx_supervisor.transport")
+
+ControlHandler = Callable[[str, p.FromWorker], None]
+_TERMINAL = (p.Done, p.Error, p.Embeddings)
+
+
+class RequestStream:
+    """What one request gets back from its worker, in order, ending with a terminal message."""
+
+    def __init__(self, request_id: str, worker_id: str):
+        self.request_id = request_id
+        self.worker_id = worker_id
+        self.queue: asyncio.Queue[p.FromWorker] = asyncio.Queue()
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[p.FromWorker]:
+        while not self.finished:
+            msg = await self.queue.get()
+            if isinstance(msg, _TERMINAL):
+                self.finished = True
+            yield msg
+
+
+class Transport:
+    def __init__(self, endpoint: str, on_control: ControlHandler):
+        self.endpoint = endpoint
+        self._on_control = on_control
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.bind(endpoint)
+        self._known: set[bytes] = set()
+        self._streams: dict[str, RequestStream] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._recv_loop(), name="transport-recv")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._sock.close(0)
+        self._ctx.term()
+
+    def allow(self, worker_id: str) -> None:
+        self._known.add(worker_id.encode())
+
+    def forget(self, worker_id: str) -> None:
+        self._known.discard(worker_id.encode())
+
+    def open_stream(self, request_id: str, worker_id: str) -> RequestStream:
+        s = RequestStream(request_id, worker_id)
+        self._streams[request_id] = s
+        return s
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def fail_worker(self, worker_id: str, message: str, code: str = "worker_crashed") -> int:
+        """End every open stream of a worker with an error; returns how many."""
+        n = 0
+        for s in list(self._streams.values()):
+            if s.worker_id == worker_id and not s.finished:
+                s.queue.put_nowait(p.Error(id=s.request_id, message=message, status=503, code=code))
+                n += 1
+        return n
+
+    def fail_request(self, request_id: str, message: str, code: str, status: int = 503) -> bool:
+        s = self._streams.get(request_id)
+        if s is None or s.finished:
+            return False
+        s.queue.put_nowait(p.Error(id=request_id, message=message, status=status, code=code))
+        return True
+
+    def streams_of(self, worker_id: str) -> list[str]:
+        return [r for r, s in self._streams.items() if s.worker_id == worker_id and not s.finished]
+
+    def send(self, worker_id: str, msg: p.Base) -> bool:
+        """Queue a message to a worker; False if the worker is not connected."""
+        try:
+            self._sock.send_multipart([worker_id.encode(), p.encode(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            log.debug("send to %s failed: %s", worker_id, e)
+            return False
+
+    async def _recv_loop(self) -> None:
+        while True:
+            try:
+                frames = await self._sock.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
+                log.error("transport receive failed: %s", e)
+                return
+            try:
+                self._dispatch(frames)
+            except Exception:  # never let one bad frame kill the loop
+                log.exception("error handling a worker frame")
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.dropped += 1
+            log.warning("dropped a frame with %d parts", len(frames))
+            return
+        wid, payload = frames
+        if wid not in self._known:
+            self.dropped += 1
+            log.warning("dropped a message from unknown routing id %r", wid[:64])
+            return
+        try:
+            msg = p.decode_from_worker(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.dropped += 1
+            log.warning("dropped an undecodable message from %s: %s", wid.decode(errors="replace"), e)
+            return
+        rid = getattr(msg, "id", None)
+        if rid is not None:
+            stream = self._streams.get(rid)
+            if stream is not None and stream.worker_id == wid.decode():
+                stream.queue.put_nowait(msg)
+            return
+        self._on_control(wid.decode(), msg)
