@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HIDDEN = 64
 LAYERS = 2
@@ -92,14 +93,16 @@ def _weights(vocab: int, eos_id: int, seed: int) -> dict:
     model = llama.Model(llama.ModelArgs.from_dict(_config(vocab, eos_id)))
     rng = np.random.default_rng(seed)
     out = {}
-    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+    params: Any = tree_flatten(model.parameters())
+    for name, p in sorted(params, key=lambda kv: kv[0]):
+        shape = tuple(p.shape)
         if "norm" in name:
-            arr = np.ones(p.shape, dtype=np.float32)
+            arr = np.ones(shape, dtype=np.float32)
         elif name == "lm_head.weight":
-            arr = rng.normal(0.0, 0.5, size=p.shape).astype(np.float32)
+            arr = rng.normal(0.0, 0.5, size=shape).astype(np.float32)
             arr[eos_id] = 0.0  # EOS never wins greedy decoding on its own
         else:
-            arr = rng.normal(0.0, 0.08, size=p.shape).astype(np.float32)
+            arr = rng.normal(0.0, 0.08, size=shape).astype(np.float32)
         out[name] = mx.array(arr)
     return out
 
