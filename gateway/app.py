@@ -141,7 +141,7 @@ async def health_ready(request: Request) -> Response:
     return json_response({"status": "ready"})
 
 
-def create_app(gateway: Gateway, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+def create_app(gateway: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.sup.start()
@@ -149,13 +149,18 @@ def create_app(gateway: Gateway, extra_routes: list[BaseRoute] | None = None) ->
             yield
         finally:
             await gateway.sup.shutdown()
+            for hook in gateway.shutdown_hooks:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("shutdown hook failed")
 
     routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         *routes_openai.routes,
         *routes_admin.routes,
-        *(extra_routes or []),
+        *gateway.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: _api_error, Exception: _bug})

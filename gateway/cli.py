@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo_model)
 
     # Operational commands register themselves here (daemon, service, jobs, ...).
-    for module in ("mlx_supervisor.gateway.cli_ops",):
+    for module in ("mlx_supervisor.gateway.cli_ops", "mlx_supervisor.gateway.cli_jobs"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -16,6 +16,7 @@ from mlx_supervisor.gateway.supervisor import Supervisor
 from mlx_supervisor.shared.config import Config
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 log = logging.getLogger("mlx_supervisor.gateway")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -28,6 +29,9 @@ class Gateway:
         self.observers: list[Observer] = []
         self.warnings: list[str] = []
         self.image_fetcher: Callable[[list[str]], Any] | None = None
+        self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
+        self.reload: Callable[[], Awaitable[None]] | None = None  # SIGHUP
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def entry(self, name: object) -> Entry:
         """The catalog entry for an id or alias; 404 naming what exists otherwise."""

@@ -120,7 +120,8 @@ PLUGINS: list[Any] = []
 
 def _load_plugins() -> None:
     for name in ("mlx_supervisor.gateway.images", "mlx_supervisor.gateway.metrics",
-                 "mlx_supervisor.gateway.statuspage", "mlx_supervisor.gateway.jobs"):
+                 "mlx_supervisor.gateway.statuspage", "mlx_supervisor.gateway.jobs",
+                 "mlx_supervisor.gateway.reload"):
         if importlib.util.find_spec(name) is not None:
             mod = __import__(name, fromlist=["attach"])
             if hasattr(mod, "attach") and mod.attach not in PLUGINS:
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(gw)
     ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                           timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=30)
-    server = GatewayServer(ucfg, gw, reload_fn=getattr(gw, "reload", None))
+    server = GatewayServer(ucfg, gw, reload_fn=gw.reload)
     log.info("mlx-supervisor listening on http://%s:%d (%d models, budget %s)", cfg.host, cfg.port,
              len(gw.sup.slots), format_size(gw.sup.budget))
     server.run()
