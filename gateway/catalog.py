@@ -34,6 +34,8 @@ class Entry:
     context_length: int
     env: dict[str, str] = field(default_factory=dict)
     ranks: int = 1
+    reserved: bool = False
+    """``memory`` was set in config: the ledger charges at least that, whatever is measured."""
     source: ModelConfig | None = None
 
 
@@ -105,7 +107,8 @@ def build(cfg: Config, total_memory: int) -> tuple[dict[str, Entry], dict[str, s
             aliases=list(m.aliases),
             max_concurrency=m.max_concurrency or cfg.max_concurrency,
             max_queue=cfg.max_queue if m.max_queue is None else m.max_queue,
-            estimate=estimate, context_length=ctx, env=dict(m.env), ranks=ranks, source=m,
+            estimate=estimate, context_length=ctx, env=dict(m.env), ranks=ranks,
+            reserved=m.memory is not None, source=m,
         )
         for a in m.aliases:
             aliases[a] = name

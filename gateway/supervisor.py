@@ -331,7 +331,7 @@ class Supervisor:
         e = slot.entry
         wid = f"{e.id}#{next(self._ids)}"
         worker = Worker(model_id=e.id, worker_id=wid, estimate=e.estimate, kind=e.kind,
-                        context_length=e.context_length)
+                        context_length=e.context_length, reserved=e.reserved)
         slot.worker = worker
         slot.loads += 1
         self.workers[wid] = worker

@@ -38,12 +38,15 @@ class Worker:
     stop_reason: str | None = None
     stopping: bool = False
     spare: bool = False
+    reserved: bool = False
 
     @property
     def bytes(self) -> int:
-        """What the ledger charges: the measured footprint once known, else the estimate."""
+        """What the ledger charges: the measured footprint once known, else the estimate; an
+        explicit ``memory`` in config is a reservation and is charged at least."""
         if self.memory is not None and self.state is not State.STARTING:
-            return self.memory.footprint
+            m = self.memory.footprint
+            return max(m, self.estimate) if self.reserved else m
         return self.estimate
 
     @property

@@ -1,0 +1,243 @@
+"""The supervisor through a real gateway: LRU under a budget, pinning, busy workers, single
+flight, crashes, hangs and TTL. Fast fake workers (real processes, no MLX) keep timing honest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mlx_supervisor.gateway.testing import ServerProcess
+
+MB = 10**6
+
+
+def fake(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
+    return {"path": "/nonexistent/fake", "kind": "fake",
+            "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
+
+
+def ps(srv: ServerProcess) -> dict[str, Any]:
+    r = httpx.get(srv.url + "/admin/ps", timeout=10)
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def hot(srv: ServerProcess) -> dict[str, dict[str, Any]]:
+    return {w["model"]: w for w in ps(srv)["workers"]}
+
+
+def chat(srv: ServerProcess, model: str, content: str = "hello there", **kw: Any) -> Any:
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=kw.pop("max_tokens", 5), **kw)
+
+
+def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+class LedgerSampler:
+    """Samples /admin/ps in the background; the ledger must never exceed the budget."""
+
+    def __init__(self, srv: ServerProcess):
+        self.srv, self.samples, self._stop = srv, [], threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as c:
+            while not self._stop.is_set():
+                d = c.get(self.srv.url + "/admin/ps").json()
+                self.samples.append((d["used_bytes"], d["budget_bytes"]))
+                time.sleep(0.01)
+
+    def __enter__(self) -> LedgerSampler:
+        self.t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self.t.join()
+
+
+def test_lru_eviction_keeps_the_two_most_recent_within_budget() -> None:
+    models = {"a": fake(), "b": fake(), "c": fake()}
+    with ServerProcess(models, {"memory_budget": "250MB"}) as srv, LedgerSampler(srv) as sampler:
+        for m in ("a", "b"):
+            assert chat(srv, m).choices[0].message.content
+        pid_a = hot(srv)["a"]["pid"]
+        assert chat(srv, "c").choices[0].message.content
+        wait_for(lambda: set(hot(srv)) == {"b", "c"})
+        wait_for(lambda: not _alive(pid_a))
+        # Touch b, then a comes back and c (now least recent) goes.
+        chat(srv, "b")
+        chat(srv, "a")
+        wait_for(lambda: set(hot(srv)) == {"a", "b"})
+    assert len(sampler.samples) > 20
+    assert all(used <= budget for used, budget in sampler.samples), max(sampler.samples)
+    assert srv.orphans == []
+
+
+def test_pinned_survives_and_busy_is_never_evicted_and_oversize_is_refused() -> None:
+    models = {"pinned": {**fake(), "pinned": True}, "slow": fake(FAKE_TOKEN_DELAY=0.05),
+              "x": fake(), "huge": fake(mem_mb=10_000)}
+    with ServerProcess(models, {"memory_budget": "250MB"}) as srv:
+        wait_for(lambda: hot(srv).get("pinned", {}).get("state") == "ready")
+        assert httpx.get(srv.url + "/health/ready").status_code == 200
+        pinned_pid = hot(srv)["pinned"]["pid"]
+        # slow is busy streaming for ~2.5 s; x needs room, but pinned and busy can't go: 503.
+        result: dict[str, Any] = {}
+
+        def long_request() -> None:
+            result["r"] = chat(srv, "slow", max_tokens=50)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        wait_for(lambda: hot(srv).get("slow", {}).get("inflight") == 1)
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(srv, "x")
+        assert e.value.status_code == 503
+        msg = str(e.value)
+        assert "not enough memory" in msg and "budget" in msg and "pinned" in msg and "busy" in msg
+        assert e.value.response.headers.get("retry-after")
+        t.join()
+        assert result["r"].choices[0].finish_reason == "length"
+        # Now slow is idle: x evicts it, never the pinned one.
+        chat(srv, "x")
+        assert set(hot(srv)) == {"pinned", "x"} or wait_for(lambda: set(hot(srv)) == {"pinned", "x"})
+        assert hot(srv)["pinned"]["pid"] == pinned_pid
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(srv, "huge")
+        assert e.value.status_code == 503 and "more than the whole memory budget" in str(e.value)
+
+
+def test_twenty_concurrent_requests_to_a_cold_model_share_one_spawn() -> None:
+    with ServerProcess({"m": fake(FAKE_LOAD_SECONDS=1.0)}) as srv:
+        async def go() -> list[Any]:
+            client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+            return await asyncio.gather(*[
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}],
+                                               max_tokens=3) for i in range(20)])
+
+        answers = asyncio.run(go())
+        assert len(answers) == 20 and all(a.choices[0].message.content for a in answers)
+        info = httpx.get(srv.url + "/v1/models/m").json()
+        assert info["loads"] == 1 and info["state"] == "ready"
+
+
+def test_kill_9_mid_stream_fails_that_stream_only_and_respawns() -> None:
+    models = {"victim": fake(FAKE_TOKEN_DELAY=0.02), "other": fake(FAKE_TOKEN_DELAY=0.02)}
+    with ServerProcess(models) as srv:
+        chat(srv, "victim")
+        chat(srv, "other")
+        pid = hot(srv)["victim"]["pid"]
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        other_result: dict[str, Any] = {}
+
+        def other() -> None:
+            other_result["r"] = chat(srv, "other", max_tokens=100)
+
+        t = threading.Thread(target=other)
+        t.start()
+        stream = client.chat.completions.create(
+            model="victim", messages=[{"role": "user", "content": "go"}], max_tokens=1000, stream=True)
+        got = 0
+        with pytest.raises(openai.APIError) as e:
+            for chunk in stream:
+                got += 1
+                if got == 5:
+                    os.kill(pid, signal.SIGKILL)
+        assert "victim" in str(e.value) and "SIGKILL" in str(e.value)
+        t.join()
+        assert other_result["r"].choices[0].finish_reason == "length"
+        r = chat(srv, "victim")
+        assert r.choices[0].message.content
+        assert hot(srv)["victim"]["pid"] != pid
+        info = httpx.get(srv.url + "/v1/models/victim").json()
+        assert "SIGKILL" in (info["last_error"] or "") or info["state"] == "ready"
+
+
+def test_a_hung_worker_is_killed_and_replaced() -> None:
+    with ServerProcess({"h": fake(FAKE_HANG_WORD="HANG")},
+                       {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}) as srv:
+        chat(srv, "h")
+        pid = hot(srv)["h"]["pid"]
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(srv, "h", content="please HANG now")
+        assert e.value.status_code == 503 and "heartbeat" in str(e.value)
+        assert time.monotonic() - t0 < 6
+        wait_for(lambda: not _alive(pid))
+        assert chat(srv, "h").choices[0].message.content
+        assert hot(srv)["h"]["pid"] != pid
+
+
+def test_ttl_unloads_within_a_second_of_expiry() -> None:
+    with ServerProcess({"t": {**fake(), "ttl": 1.0}, "forever": {**fake(), "ttl": 0}}) as srv:
+        chat(srv, "forever")
+        chat(srv, "t")
+        t_last = time.monotonic()
+        pid = hot(srv)["t"]["pid"]
+        assert hot(srv)["t"]["ttl_remaining"] is not None
+        wait_for(lambda: "t" not in hot(srv) or hot(srv)["t"]["state"] != "ready", timeout=5, step=0.02)
+        elapsed = time.monotonic() - t_last
+        assert 1.0 <= elapsed < 2.0, elapsed
+        wait_for(lambda: not _alive(pid))
+        assert hot(srv)["forever"]["state"] == "ready"
+
+
+def test_repeated_load_crashes_mark_the_model_failed_with_stderr() -> None:
+    with ServerProcess({"bad": fake(FAKE_CRASH_AT_LOAD=1), "good": fake()},
+                       {"max_crashes": 2}) as srv:
+        for _ in range(2):
+            with pytest.raises(openai.APIStatusError) as e:
+                chat(srv, "bad")
+            assert e.value.status_code == 503
+        assert "crash" in str(e.value).lower() or "stderr" in str(e.value)
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(srv, "bad")
+        assert e.value.status_code == 503 and "backing off" in str(e.value)
+        assert e.value.response.headers.get("retry-after")
+        info = httpx.get(srv.url + "/v1/models/bad").json()
+        assert info["state"] == "failed" and info["last_error"]
+        assert chat(srv, "good").choices[0].message.content  # other models untouched
+
+
+def test_admin_load_pin_and_unload() -> None:
+    with ServerProcess({"a": fake(), "b": fake()}, {"memory_budget": "150MB"}) as srv:
+        r = httpx.post(srv.url + "/admin/models/a/load", json={"pin": True}, timeout=30)
+        assert r.status_code == 200 and r.json()["pinned"] is True and r.json()["pid"]
+        with pytest.raises(openai.APIStatusError):
+            chat(srv, "b")  # a is pinned and the budget fits one
+        r = httpx.post(srv.url + "/admin/models/a/unload", timeout=30)
+        assert r.status_code == 200
+        assert "a" not in hot(srv)
+        assert chat(srv, "b").choices[0].message.content
+        snap = ps(srv)
+        assert snap["budget_bytes"] == 150 * MB and snap["used_bytes"] > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
