@@ -8,9 +8,9 @@ any downloaded model.
 Properties tests rely on:
 - same seed -> byte-identical files; a complete model already in place is left alone; the build
   happens in a temporary sibling directory that is renamed into place (atomic);
-- the EOS token's output row is zero, so greedy decoding never picks it by itself (tests force it
-  with ``logit_bias``), and the output head is scaled so greedy text varies instead of repeating
-  one token.
+- the output rows of EOS (and of lone non-ASCII bytes and control characters) are zero, so
+  greedy decoding never picks them by itself (tests force EOS with ``logit_bias``) and the text
+  is printable; the output head is scaled so greedy text varies instead of repeating one token.
 
 Usage: ``python -m mlx_supervisor.worker.demo_model DIR [--seed N]``.
 """
@@ -83,14 +83,26 @@ def _train_tokenizer():  # -> tokenizers.Tokenizer
     return tok
 
 
-def _weights(vocab: int, eos_id: int, seed: int) -> dict:
+def _silenced(tok: Any) -> list[int]:
+    """Token ids whose text alone is not clean: lone non-ASCII bytes, control characters and
+    the special tokens. Their output rows are zero so random weights rarely pick them."""
+    out = []
+    for i in range(tok.get_vocab_size()):
+        text = tok.decode([i], skip_special_tokens=False)
+        if i in {tok.token_to_id(t) for t in SPECIALS} or "\ufffd" in text or any(
+                ord(c) < 32 and c != "\n" for c in text):
+            out.append(i)
+    return out
+
+
+def _weights(vocab: int, silenced: list[int], seed: int) -> dict:
     """Seeded random weights for every parameter of mlx-lm's llama with our config."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    model = llama.Model(llama.ModelArgs.from_dict(_config(vocab, eos_id)))
+    model = llama.Model(llama.ModelArgs.from_dict(_config(vocab, 0)))
     rng = np.random.default_rng(seed)
     out = {}
     params: Any = tree_flatten(model.parameters())
@@ -100,7 +112,7 @@ def _weights(vocab: int, eos_id: int, seed: int) -> dict:
             arr = np.ones(shape, dtype=np.float32)
         elif name == "lm_head.weight":
             arr = rng.normal(0.0, 0.5, size=shape).astype(np.float32)
-            arr[eos_id] = 0.0  # EOS never wins greedy decoding on its own
+            arr[silenced] = 0.0  # EOS (and junk bytes) never win greedy decoding on their own
         else:
             arr = rng.normal(0.0, 0.08, size=shape).astype(np.float32)
         out[name] = mx.array(arr)
@@ -162,7 +174,7 @@ def build(dir: str | Path, seed: int = 0) -> Path:
         _write_json(tmp / "special_tokens_map.json",
                     {"eos_token": EOS, "pad_token": "<|endoftext|>"})
         _write_json(tmp / "config.json", _config(vocab, eos_id))
-        mx.save_safetensors(str(tmp / "model.safetensors"), _weights(vocab, eos_id, seed),
+        mx.save_safetensors(str(tmp / "model.safetensors"), _weights(vocab, _silenced(tok), seed),
                             metadata={"format": "mlx"})
         if _is_complete(target):  # someone else finished first
             return target

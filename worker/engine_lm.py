@@ -1,0 +1,283 @@
+"""Text generation with mlx-lm: continuous batching through ``BatchGenerator``.
+
+The pattern is mlx-lm server's ``ResponseGenerator``: requests join the running batch as they
+arrive and leave as they finish or are cancelled (``BatchGenerator.remove``); each has its own
+sampler, logits processors, max_tokens and stop sequences. Seeded requests have their own key
+stream (see :mod:`lm_sampling`), so they are batched too and still reproduce.
+
+Decisions worth knowing:
+
+- Context: ``--context-length`` or the config's ``max_position_embeddings``. A prompt that
+  leaves no room for one new token is a 400 ``context_length_exceeded``; otherwise
+  ``max_tokens`` is *clamped* to what fits and the request ends with finish_reason "length".
+- Stops: EOS and the request's stop strings end generation at the token level
+  (``make_stop_sequences``); a decoded-text check (:class:`StopText`) also ends the stream when
+  a stop string appears with another tokenization. Stop strings and EOS are never sent.
+  ``completion_tokens`` counts every generated token, the final stop token included.
+- Prompt cache: mlx-lm's ``LRUPromptCache`` (a token trie); a follow-up turn that shares a
+  prefix with an earlier prompt + completion prefills only the rest (``cached_tokens``).
+- Started is sent when the request joins the batch (its prefill starts with the next step).
+- Chunks: one per request per decode step; text held back (a partial stop string or an
+  incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_supervisor.shared.protocol import (
+    Chunk,
+    Done,
+    Embed,
+    Error,
+    Generate,
+    Memory,
+    Started,
+    TokenLogprob,
+)
+from mlx_supervisor.worker.engine import Emit, LoadInfo
+from mlx_supervisor.worker.lm_sampling import StopText, sampler_for, token_logprob
+from mlx_supervisor.worker.validation import (
+    bad_request,
+    check_generate,
+    check_prompt_length,
+    clamp_max_tokens,
+)
+
+log = logging.getLogger("mlx_supervisor.worker")
+
+
+@dataclass
+class _Running:
+    req: Generate
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    detok: Any
+    stop_text: StopText
+    completion: int = 0
+    pending_tokens: int = 0
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
+
+
+class LMEngine:
+    def __init__(self, context_length: int = 0, prompt_cache_entries: int = 10,
+                 prompt_cache_bytes: int = 1 << 30, completion_batch_size: int = 32,
+                 prefill_batch_size: int = 8, prefill_step_size: int = 512) -> None:
+        self.context_length_override = context_length
+        self.context_length = context_length
+        self.prompt_cache = LRUPromptCache(max_size=prompt_cache_entries,
+                                           max_bytes=prompt_cache_bytes)
+        self.batch_sizes = (completion_batch_size, prefill_batch_size, prefill_step_size)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.gen: BatchGenerator | None = None
+        self.key = ""
+        self.vocab_size = 0
+        self.running: dict[int, _Running] = {}
+        self.by_id: dict[str, int] = {}
+        self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
+
+    # ---------------------------------------------------------------- load
+
+    def load(self, path: str) -> LoadInfo:
+        p = Path(path)
+        if not path or not p.is_dir():
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json")
+        loaded: Any = mlx_lm.load(path, return_config=True)
+        model, tokenizer, config = loaded
+        self.model, self.tokenizer, self.key = model, tokenizer, str(p.resolve())
+        text_cfg = config.get("text_config") or {}
+        self.context_length = int(self.context_length_override
+                                  or config.get("max_position_embeddings")
+                                  or text_cfg.get("max_position_embeddings") or 0)
+        self.vocab_size = int(config.get("vocab_size") or text_cfg.get("vocab_size")
+                              or len(tokenizer))
+        self._new_generator()
+        return LoadInfo(kind="lm", context_length=self.context_length)
+
+    def _new_generator(self) -> None:
+        # The stream of *this* thread: mlx-lm's default generation stream is thread-local.
+        completion, prefill, step = self.batch_sizes
+        self.gen = BatchGenerator(self.model, stream=mx.default_stream(mx.default_device()),
+                                  completion_batch_size=completion, prefill_batch_size=prefill,
+                                  prefill_step_size=step)
+
+    # ---------------------------------------------------------------- requests
+
+    def _tokenize(self, req: Generate) -> list[int]:
+        tok = self.tokenizer
+        if req.prompt_ids is not None:
+            return list(req.prompt_ids)
+        if req.prompt is not None:
+            return list(tok.encode(req.prompt))
+        messages = [{**m, "content": m.get("content") or ""} for m in req.messages or []]
+        if tok.has_chat_template:
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return list(tok.encode(text))
+
+    def submit(self, req: Generate | Embed, emit: Emit) -> None:
+        if isinstance(req, Embed):
+            emit(bad_request(req.id, "this model generates text; it does not embed",
+                             code="model_not_supported"))
+            return
+        err = check_generate(req)
+        if err is None and req.images:
+            err = bad_request(req.id, "this model does not take images", param="messages")
+        if err is None and req.logit_bias and any(
+                not 0 <= t < self.vocab_size for t in req.logit_bias):
+            err = bad_request(req.id, f"logit_bias token ids must be in [0, {self.vocab_size})",
+                              param="logit_bias")
+        if err is not None:
+            emit(err)
+            return
+        try:
+            ids = self._tokenize(req)
+        except Exception as e:
+            emit(bad_request(req.id, f"could not build the prompt: {e}", param="messages"))
+            return
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            emit(bad_request(req.id, f"prompt_ids must be in [0, {self.vocab_size})",
+                             param="prompt"))
+            return
+        err = check_prompt_length(req.id, len(ids), self.context_length)
+        if err is not None:
+            emit(err)
+            return
+        max_tokens = clamp_max_tokens(req.max_tokens, len(ids), self.context_length)
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.key, ids)
+        if cache is not None and not rest:  # exact hit: the last token must still be fed
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = ids[-1:]
+            else:
+                cache, rest = None, ids
+        cached = len(ids) - len(rest)
+        stops = tuple(s for s in req.stop if s)
+        stop_seqs = self._stop_seqs.get(stops)
+        if stop_seqs is None:
+            if len(self._stop_seqs) > 100:
+                self._stop_seqs.clear()
+            stop_seqs = self._stop_seqs[stops] = make_stop_sequences(self.tokenizer, stops)
+        processors = make_logits_processors(req.logit_bias, req.repetition_penalty, 20,
+                                            req.presence_penalty, 20, req.frequency_penalty, 20)
+        assert self.gen is not None
+        (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
+                                 all_tokens=[ids[:cached]],
+                                 samplers=[sampler_for(req, self.vocab_size)],
+                                 logits_processors=[processors], stop_sequences=[stop_seqs])
+        self.running[uid] = _Running(req, uid, len(ids), cached, self.tokenizer.detokenizer,
+                                     StopText(list(stops)))
+        self.by_id[req.id] = uid
+        log.info("%s started prompt=%d cached=%d max_tokens=%d", req.id, len(ids), cached,
+                 max_tokens)
+        emit(Started(id=req.id, prompt_tokens=len(ids)))
+
+    def cancel(self, request_id: str, emit: Emit) -> None:
+        uid = self.by_id.pop(request_id, None)
+        if uid is not None:
+            self.running.pop(uid, None)
+            if self.gen is not None:
+                self.gen.remove([uid])
+            self._maybe_idle()
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    # ---------------------------------------------------------------- decoding
+
+    def step(self, emit: Emit) -> None:
+        assert self.gen is not None
+        try:
+            _, responses = self.gen.next()
+        except Exception as e:
+            log.exception("batch step failed; failing %d requests", len(self.running))
+            for failed in self.running.values():
+                emit(Error(id=failed.req.id, message=f"generation failed: {e}", status=500))
+            self.running.clear()
+            self.by_id.clear()
+            self.gen.close()
+            self._new_generator()
+            return
+        stopped_by_text: list[int] = []
+        for r in responses:
+            st = self.running.get(r.uid)
+            if st is None:
+                continue
+            finish = self._advance(st, r, emit)
+            if finish is None:
+                continue
+            if r.finish_reason is None:
+                stopped_by_text.append(r.uid)
+            elif r.prompt_cache is not None:
+                self.prompt_cache.insert_cache(self.key, list(r.all_tokens), r.prompt_cache)
+            del self.running[r.uid]
+            self.by_id.pop(st.req.id, None)
+            emit(Done(id=st.req.id, finish_reason=finish, prompt_tokens=st.prompt_tokens,
+                      completion_tokens=st.completion, cached_tokens=st.cached_tokens))
+        if stopped_by_text:
+            caches = self.gen.remove(stopped_by_text, return_prompt_caches=True)
+            for cache, tokens in caches.values():
+                self.prompt_cache.insert_cache(self.key, list(tokens), cache)
+        self._maybe_idle()
+
+    def _advance(self, st: _Running, r: Any, emit: Emit) -> str | None:
+        """Take one generated token; emit its text; return the finish reason, if any."""
+        st.completion += 1
+        finish = r.finish_reason
+        if finish == "stop":  # the stop token itself (EOS or a stop word's last) is not text
+            st.detok.finalize()
+        else:
+            st.detok.add_token(r.token)
+            if finish == "length":
+                st.detok.finalize()
+            st.pending_tokens += 1
+            if st.req.logprobs:
+                st.pending_lp.append(token_logprob(self.tokenizer, r.logprobs, r.token,
+                                                   st.req.top_logprobs))
+        out = st.stop_text.feed(st.detok.last_segment)
+        if st.stop_text.stopped:
+            finish = "stop"
+        elif finish == "length" or (finish == "stop" and r.token in self.tokenizer.eos_token_ids):
+            out += st.stop_text.flush()  # a held-back partial stop string was real text
+        if out or (finish and st.pending_tokens):
+            emit(Chunk(id=st.req.id, text=out, tokens=st.pending_tokens,
+                       logprobs=st.pending_lp or None))
+            st.pending_tokens = 0
+            st.pending_lp = []
+        return str(finish) if finish else None
+
+    def _maybe_idle(self) -> None:
+        if not self.running:
+            mx.clear_cache()  # freed KV buffers go back, so the reported footprint is honest
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def memory(self) -> Memory:
+        return Memory(active=mx.get_active_memory(), cache=mx.get_cache_memory(),
+                      peak=mx.get_peak_memory())
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+        self.gen = None
+        self.running.clear()
+        self.by_id.clear()
+        self.prompt_cache = LRUPromptCache(max_size=1)
+        self.model = self.tokenizer = None
+        gc.collect()
+        mx.clear_cache()

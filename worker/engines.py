@@ -1,0 +1,56 @@
+"""Engine factory: ``make_engine(kind)``, importing each engine module only when asked.
+
+Lazy imports keep the fake engine free of mlx and let a warm spare import only what its kind
+needs (:func:`preload`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from mlx_supervisor.worker.engine import Engine
+
+KINDS = ("lm", "vlm", "embeddings", "fake")
+
+_ENGINES = {
+    "lm": ("mlx_supervisor.worker.engine_lm", "LMEngine"),
+    "vlm": ("mlx_supervisor.worker.engine_vlm", "VLMEngine"),
+    "embeddings": ("mlx_supervisor.worker.engine_embeddings", "EmbeddingsEngine"),
+    "fake": ("mlx_supervisor.worker.engine_fake", "FakeEngine"),
+}
+
+# Heavy third-party modules a warm spare imports ahead of its Load message.
+_HEAVY = {
+    "lm": ("mlx.core", "mlx_lm", "mlx_lm.generate", "mlx_lm.models.cache"),
+    "vlm": ("mlx.core", "mlx_lm", "mlx_vlm"),
+    "embeddings": ("mlx.core", "mlx_embeddings"),
+    "fake": (),
+}
+
+log = logging.getLogger("mlx_supervisor.worker")
+
+
+def make_engine(kind: str, *, context_length: int = 0) -> Engine:
+    """A fresh engine of ``kind``. ``context_length`` (0: the model's own) goes to engines whose
+    constructor takes it (lm, fake); the others read it from the model."""
+    if kind not in _ENGINES:
+        raise ValueError(f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    module, cls_name = _ENGINES[kind]
+    cls: Any = getattr(importlib.import_module(module), cls_name)
+    if context_length and kind in ("lm", "fake"):
+        return cls(context_length=context_length)
+    return cls()
+
+
+def preload(kind: str) -> None:
+    """Import ``kind``'s heavy modules now (warm spare); a missing optional extra is only logged,
+    the Load that needs it will fail with a clear reason."""
+    for name in (*_HEAVY.get(kind, ()), _ENGINES.get(kind, ("", ""))[0]):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            log.warning("preload of %s for kind %s failed: %s", name, kind, e)

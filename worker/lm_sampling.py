@@ -1,0 +1,105 @@
+"""Per-request sampling pieces for the LM engine, built from mlx-lm's own parts.
+
+- :func:`sampler_for`: unseeded requests use ``make_sampler`` objects shared by identical
+  settings (``GenerationBatch`` samples in one call when a batch shares one sampler object);
+  seeded requests get their own key stream (``mx.random.key(seed)`` split once per token) with
+  the same top-k/top-p/min-p filters, so they can join the batch and still reproduce exactly,
+  independently of what else runs.
+- :class:`StopText`: the decoded-text stop check. Token-level stop sequences end most stops;
+  this also ends the stream when a stop string shows up in the text with another tokenization,
+  and it holds back text that might be the start of a stop string, so a stop string is never
+  sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import TextStateMachine
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+from mlx_supervisor.shared.protocol import Generate, TokenLogprob
+
+Sampler = Callable[[mx.array], mx.array]
+
+_shared: dict[tuple, Sampler] = {}
+
+
+def sampler_for(req: Generate, vocab_size: int) -> Sampler:
+    temp, top_p, min_p = float(req.temperature), float(req.top_p), float(req.min_p)
+    top_k = req.top_k if 0 < req.top_k < vocab_size else 0
+    if temp == 0:
+        return make_sampler(0.0)  # mlx-lm's greedy_sampler, one shared object
+    if req.seed is None:
+        key = (temp, top_p, min_p, top_k)
+        s = _shared.get(key)
+        if s is None:
+            if len(_shared) > 64:
+                _shared.clear()
+            s = _shared[key] = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        return s
+    return _seeded_sampler(req.seed, temp, top_p, min_p, top_k)
+
+
+def _seeded_sampler(seed: int, temp: float, top_p: float, min_p: float, top_k: int) -> Sampler:
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    state = {"key": mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)}
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+
+    return sampler
+
+
+def token_logprob(tokenizer: Any, logprobs: mx.array, token: int, top_n: int) -> TokenLogprob:
+    """The chosen token's logprob and the ``top_n`` most likely alternatives (as text)."""
+    top: list[tuple[str, float]] = []
+    if top_n > 0:
+        idx = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+        vals = logprobs[idx]
+        order = mx.argsort(-vals)
+        ids: Any = idx[order].tolist()
+        lps: Any = vals[order].tolist()
+        top = [(tokenizer.decode([i]), float(lp)) for i, lp in zip(ids, lps, strict=True)]
+    chosen: Any = logprobs[token].item()
+    return TokenLogprob(token=tokenizer.decode([token]), logprob=float(chosen), top=top)
+
+
+class StopText:
+    """Streamed text with stop strings removed; ``stopped`` once one has been seen.
+
+    A thin wrapper over mlx-lm's ``TextStateMachine`` where each stop string is a transition to
+    the terminal state (``None``), so the machine reports the match and drops what follows.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        words = [w for w in stops if w]
+        self._sm = TextStateMachine({"normal": [(w, None) for w in words]}) if words else None
+        self._state = self._sm.make_state("normal") if self._sm else None
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text safe to send now; sets ``stopped`` when a stop string completed."""
+        if self._sm is None or self.stopped:
+            return "" if self.stopped else text
+        self._state, segments = TextStateMachine.split(self._state, text)
+        if segments and segments[-1][0] is None:
+            self.stopped = True
+        return "".join(t for _, t in segments)
+
+    def flush(self) -> str:
+        """The held-back tail, for an end that is not a stop string (EOS, length)."""
+        if self._sm is None or self.stopped:
+            return ""
+        self._state, buf, _ = TextStateMachine.flush(self._state)
+        return str(buf)

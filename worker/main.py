@@ -1,0 +1,223 @@
+"""Worker process entry: argument parsing and the io thread's loop.
+
+``python -m mlx_supervisor.worker --model-id ID --kind {lm,vlm,embeddings,fake}
+--endpoint ipc:///path.sock --worker-id WID [--path DIR] [--spare] [--heartbeat-interval 1.0]
+[--gateway-timeout 30] [--context-length N]``
+
+The io (main) thread alone touches the gateway's DEALER socket: it forwards what the MLX thread
+pushes, queues what the gateway sends, sends heartbeats on time even while the MLX thread is
+busy loading or decoding, and decides when the process ends. Exit codes: 0 after Shutdown,
+``EXIT_LOAD_FAILED`` (3) after a failed load, ``EXIT_PARENT_GONE`` (4) when the gateway went away
+(re-parented, or silent for ``--gateway-timeout`` s), ``EXIT_BAD_ARGS`` (2) from argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+import msgspec
+import psutil
+import zmq
+from mlx_supervisor.shared.protocol import (
+    EXIT_PARENT_GONE,
+    Heartbeat,
+    Hello,
+    Load,
+    Memory,
+    Ping,
+    Shutdown,
+    decode_to_worker,
+    encode,
+)
+from mlx_supervisor.worker import process_guard
+from mlx_supervisor.worker.engines import KINDS, preload
+from mlx_supervisor.worker.mlx_thread import MLXThread
+
+log = logging.getLogger("mlx_supervisor.worker")
+
+OUT_ADDR = "inproc://mlx-out"
+SHUTDOWN_GRACE = 2.0  # seconds the MLX thread gets to finish its current step on Shutdown
+EXIT_BACKSTOP = 1.0  # seconds for socket teardown before we exit regardless
+
+
+class _Prefix(logging.Formatter):
+    """One line per event: ``time model_id[pid] LEVEL message``; the model id can change
+    (a spare learns it from Load)."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__()
+        self.model_id = model_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        return f"{ts}.{int(record.msecs):03d} {self.model_id}[{os.getpid()}] " \
+               f"{record.levelname} {msg}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m mlx_supervisor.worker",
+                                 description="One model per process, driven over ZeroMQ.")
+    ap.add_argument("--model-id", default=None, help="required unless --spare")
+    ap.add_argument("--kind", choices=KINDS, default=None,
+                    help="required unless --spare (a spare preloads this kind's imports; "
+                         "default lm)")
+    ap.add_argument("--endpoint", required=True, help="the gateway ROUTER, e.g. ipc:///x.sock")
+    ap.add_argument("--worker-id", required=True, help="DEALER routing id")
+    ap.add_argument("--path", default="", help="model directory")
+    ap.add_argument("--spare", action="store_true",
+                    help="import now, load on the gateway's Load message")
+    ap.add_argument("--heartbeat-interval", type=float, default=1.0)
+    ap.add_argument("--gateway-timeout", type=float, default=30.0)
+    ap.add_argument("--context-length", type=int, default=0, help="0: the model's own")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    if not args.spare and (args.model_id is None or args.kind is None):
+        ap.error("--model-id and --kind are required unless --spare")
+    if args.heartbeat_interval <= 0 or args.gateway_timeout <= 0:
+        ap.error("--heartbeat-interval and --gateway-timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    process_guard.set_parent_death_signal()
+    parent = process_guard.ParentWatch()
+
+    fmt = _Prefix(args.model_id or "spare")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    log.propagate = False
+
+    def set_model_id(model_id: str) -> None:
+        fmt.model_id = model_id
+
+    if args.spare:
+        t0 = time.monotonic()
+        preload(args.kind or "lm")
+        log.info("spare: imports for %s done in %.2fs", args.kind or "lm", time.monotonic() - t0)
+
+    zctx = zmq.Context()
+    dealer = zctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, args.worker_id.encode())
+    dealer.setsockopt(zmq.LINGER, 500)
+    dealer.connect(args.endpoint)
+    pull = zctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(OUT_ADDR)
+
+    mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id)
+    mlx.start()
+    dealer.send(encode(Hello(pid=os.getpid())))
+    log.info("hello sent to %s as %s", args.endpoint, args.worker_id)
+    if not args.spare:
+        mlx.inbox.put(Load(model_id=args.model_id, path=args.path, kind=args.kind,
+                           context_length=args.context_length))
+
+    code = _loop(args, dealer, pull, mlx, parent)
+    _teardown(zctx, dealer, pull, mlx, code)
+    return code  # not reached: _teardown exits
+
+
+def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: MLXThread,
+          parent: process_guard.ParentWatch) -> int:
+    proc = psutil.Process()
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(pull, zmq.POLLIN)
+    now = time.monotonic()
+    last_heard = now
+    next_beat = now + args.heartbeat_interval
+    shutdown_deadline: float | None = None
+
+    while True:
+        if process_guard.hang_requested.is_set():
+            log.warning("hanging on purpose (fake engine)")
+            while True:
+                time.sleep(3600)
+        wait = max(0.0, min(next_beat - time.monotonic(), 0.5))
+        events = dict(poller.poll(int(wait * 1000)))
+        if pull in events:
+            while True:
+                try:
+                    frames = pull.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 1:
+                    dealer.send(frames[0])
+                else:
+                    return int(frames[1])
+        if dealer in events:
+            while True:
+                try:
+                    data = dealer.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                last_heard = time.monotonic()
+                try:
+                    msg = decode_to_worker(data)
+                except msgspec.DecodeError as e:
+                    log.warning("dropping undecodable frame (%d bytes): %s", len(data), e)
+                    continue
+                if isinstance(msg, Ping):
+                    continue
+                if isinstance(msg, Shutdown) and shutdown_deadline is None:
+                    shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
+                mlx.inbox.put(msg)
+        now = time.monotonic()
+        if now >= next_beat:
+            mem = mlx.snapshot
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            dealer.send(encode(Heartbeat(
+                memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak, rss=rss),
+                inflight=mlx.inflight_count, queued=mlx.queued_count)))
+            next_beat = now + args.heartbeat_interval
+        if shutdown_deadline is not None and now > shutdown_deadline:
+            log.warning("MLX thread did not finish within %.1fs of Shutdown; exiting anyway",
+                        SHUTDOWN_GRACE)
+            return 0
+        if now - last_heard > args.gateway_timeout:
+            log.error("nothing from the gateway for %.0fs; exiting", args.gateway_timeout)
+            return EXIT_PARENT_GONE
+        if parent.gone():
+            log.error("parent process %d is gone; exiting", parent.original)
+            return EXIT_PARENT_GONE
+        if not mlx.is_alive():
+            log.error("MLX thread ended unexpectedly; exiting")
+            return 1
+
+
+def _teardown(zctx: zmq.Context, dealer: zmq.Socket, pull: zmq.Socket, mlx: MLXThread,
+              code: int) -> None:
+    """Flush what is queued for the gateway, then leave with ``os._exit``: interpreter
+    shutdown with a daemon thread inside MLX is not worth the risk, and it is slower."""
+    log.info("exiting with code %d", code)
+    backstop = threading.Timer(EXIT_BACKSTOP, lambda: _hard_exit(code))
+    backstop.daemon = True
+    backstop.start()
+    pull.close()
+    dealer.close()  # LINGER bounds the flush of queued messages in term()
+    mlx.join(timeout=0.2)
+    if not mlx.is_alive():
+        zctx.term()
+    else:
+        time.sleep(0.1)  # give the zmq io thread a moment to write queued frames
+    _hard_exit(code)
+
+
+def _hard_exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

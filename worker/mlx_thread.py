@@ -1,0 +1,224 @@
+"""The dedicated MLX thread: owns the engine; every load, generate and free runs here.
+
+MLX streams are per thread, so the model must live and die on one thread. The thread takes
+work from ``inbox`` (a ``queue.Queue`` of protocol messages the io thread decoded) and hands
+messages back over an inproc PUSH socket that it alone owns; the io thread polls the matching
+PULL together with the gateway's DEALER, so a token reaches the wire without a polling delay.
+
+Frames on the PUSH socket: one frame = an encoded message to forward as is; two frames
+``[b"exit", b"<code>"]`` = the io thread should exit with that code (after a load failure or
+once a shutdown has been handled).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+
+import zmq
+from mlx_supervisor.shared.protocol import (
+    EXIT_LOAD_FAILED,
+    Cancel,
+    Done,
+    Embed,
+    Embeddings,
+    Error,
+    FromWorker,
+    Generate,
+    Load,
+    LoadFailed,
+    Memory,
+    Ready,
+    Shutdown,
+    encode,
+)
+from mlx_supervisor.worker.engine import Engine
+from mlx_supervisor.worker.engines import make_engine
+
+log = logging.getLogger("mlx_supervisor.worker")
+
+SNAPSHOT_EVERY = 0.2  # seconds between memory readings while decoding
+
+
+class MLXThread(threading.Thread):
+    """Runs the engine. Public, thread-safe surface: ``inbox.put(msg)``, ``snapshot``,
+    ``inflight_count``, ``queued_count``."""
+
+    def __init__(self, zctx: zmq.Context, out_addr: str, on_model_id=None) -> None:
+        super().__init__(name="mlx", daemon=True)
+        self.zctx = zctx
+        self.out_addr = out_addr
+        self.inbox: queue.Queue = queue.Queue()
+        self.snapshot = Memory()
+        """Latest MLX memory reading, replaced whole (an atomic reference swap)."""
+        self.inflight: set[str] = set()
+        self.engine: Engine | None = None
+        self.on_model_id = on_model_id
+        self._push: zmq.Socket | None = None
+        self._last_snapshot = 0.0
+
+    @property
+    def inflight_count(self) -> int:
+        return len(self.inflight)
+
+    @property
+    def queued_count(self) -> int:
+        return self.inbox.qsize()
+
+    # ------------------------------------------------------------ thread side
+
+    def emit(self, msg: FromWorker) -> None:
+        """Send one message to the gateway (MLX thread only)."""
+        if isinstance(msg, Done | Error | Embeddings):
+            self.inflight.discard(msg.id)
+            if isinstance(msg, Done):
+                log.info("%s done finish=%s prompt=%d completion=%d cached=%d", msg.id,
+                         msg.finish_reason, msg.prompt_tokens, msg.completion_tokens,
+                         msg.cached_tokens)
+            elif isinstance(msg, Error):
+                log.info("%s error status=%d code=%s: %s", msg.id, msg.status, msg.code,
+                         msg.message)
+            else:
+                log.info("%s embeddings n=%d dims=%d", msg.id, len(msg.vectors), msg.dims)
+        assert self._push is not None
+        self._push.send(encode(msg))
+
+    def _exit(self, code: int) -> None:
+        assert self._push is not None
+        self._push.send_multipart([b"exit", str(code).encode()])
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.engine is not None and (force or now - self._last_snapshot >= SNAPSHOT_EVERY):
+            try:
+                self.snapshot = self.engine.memory()
+            except Exception:  # a reading must never take the worker down
+                log.exception("memory reading failed")
+            self._last_snapshot = now
+
+    def run(self) -> None:
+        self._push = self.zctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(self.out_addr)
+        try:
+            self._run()
+        except Exception:
+            log.critical("MLX thread died:\n%s", traceback.format_exc())
+            for rid in list(self.inflight):
+                self.emit(Error(id=rid, message="worker MLX thread died", status=500))
+            self._exit(1)
+        finally:
+            self._push.close()
+
+    def _run(self) -> None:
+        early: list[object] = []  # requests before any model (a spare without Load) wait for it
+        msg = self.inbox.get()
+        while not isinstance(msg, Load | Shutdown):
+            early.append(msg)
+            msg = self.inbox.get()
+        if isinstance(msg, Shutdown):
+            for m in early:
+                if isinstance(m, Generate | Embed):
+                    self.emit(Error(id=m.id, message="the worker is shutting down", status=503,
+                                    code="worker_shutdown"))
+            self._exit(0)
+            return
+        if not self._load(msg):
+            return
+        assert self.engine is not None
+        for m in early:
+            self._handle(self.engine, m)
+        self._serve()
+
+    def _load(self, msg: Load) -> bool:
+        if self.on_model_id is not None:
+            self.on_model_id(msg.model_id)
+        log.info("loading %s kind=%s from %s", msg.model_id, msg.kind, msg.path or "(no path)")
+        t0 = time.monotonic()
+        try:
+            self.engine = make_engine(msg.kind, context_length=msg.context_length)
+            info = self.engine.load(msg.path)
+        except BaseException as e:  # noqa: BLE001 - anything at all is a load failure
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            reason = f"loading {msg.model_id} from {msg.path or '(no path)'} failed: {reason}"
+            log.error("%s\n%s", reason, traceback.format_exc())
+            self.emit(LoadFailed(reason=reason))
+            self._exit(EXIT_LOAD_FAILED)
+            return False
+        seconds = time.monotonic() - t0
+        self._publish(force=True)
+        log.info("ready in %.2fs context_length=%d", seconds, info.context_length)
+        self.emit(Ready(pid=os.getpid(), kind=info.kind, load_seconds=seconds,
+                        memory=self.snapshot, context_length=info.context_length,
+                        embedding_dims=info.embedding_dims))
+        return True
+
+    def _serve(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            busy = engine.has_work()
+            try:
+                msg = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                if isinstance(msg, Shutdown):
+                    self._shutdown(engine, msg.reason)
+                    return
+                self._handle(engine, msg)
+                continue  # drain the inbox before the next step: cancels land in time
+            if busy:
+                try:
+                    engine.step(self.emit)
+                except Exception:
+                    log.error("engine step failed:\n%s", traceback.format_exc())
+                    for rid in list(self.inflight):
+                        self.emit(Error(id=rid, message="internal error during generation",
+                                        status=500))
+                        self._cancel_quietly(engine, rid)
+                self._publish()
+            else:
+                self._publish(force=True)
+
+    def _handle(self, engine: Engine, msg: object) -> None:
+        if isinstance(msg, Generate | Embed):
+            log.info("%s received %s", msg.id, type(msg).__name__.lower())
+            self.inflight.add(msg.id)
+            try:
+                engine.submit(msg, self.emit)
+            except Exception:
+                log.error("%s submit failed:\n%s", msg.id, traceback.format_exc())
+                self._cancel_quietly(engine, msg.id)
+                self.emit(Error(id=msg.id, message="internal error while starting the request",
+                                status=500))
+        elif isinstance(msg, Cancel):
+            if msg.id in self.inflight:
+                log.info("%s cancelled", msg.id)
+                self.inflight.discard(msg.id)
+                self._cancel_quietly(engine, msg.id)
+        elif isinstance(msg, Load):
+            log.warning("ignoring Load for %s: a model is already loaded", msg.model_id)
+
+    def _cancel_quietly(self, engine: Engine, rid: str) -> None:
+        try:
+            engine.cancel(rid, lambda _m: None)
+        except Exception:
+            log.exception("%s cancel failed", rid)
+
+    def _shutdown(self, engine: Engine, reason: str) -> None:
+        log.info("shutdown requested%s; %d in flight", f" ({reason})" if reason else "",
+                 len(self.inflight))
+        for rid in list(self.inflight):
+            self._cancel_quietly(engine, rid)
+            self.emit(Error(id=rid, message="the worker is shutting down", status=503,
+                            code="worker_shutdown"))
+        try:
+            engine.close()
+        except Exception:
+            log.exception("engine close failed")
+        self._exit(0)

@@ -1,0 +1,52 @@
+"""A worker dies with its gateway.
+
+Three independent signals, because each one alone has a gap:
+- ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux): the kernel kills us when the parent exits;
+- a parent-pid watch (everywhere): ``os.getppid()`` changes once we are re-parented;
+- gateway silence (in ``main``): no message at all for ``--gateway-timeout`` seconds.
+
+It also holds the process-wide "hang" switch the fake engine uses to simulate a stuck worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+
+hang_requested = threading.Event()
+"""Set by the fake engine (``FAKE_HANG_WORD``): the io loop then stops answering forever."""
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` when our parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class ParentWatch:
+    """Remembers the parent pid at start; ``gone()`` once we have been re-parented."""
+
+    def __init__(self) -> None:
+        self.original = os.getppid()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.original
+
+
+def hang_forever() -> None:
+    """Block the calling thread for good, after telling the io loop to do the same."""
+    hang_requested.set()
+    while True:
+        time.sleep(3600)
