@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 
+import psutil
 import zmq
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
@@ -152,8 +153,13 @@ class MLXThread(threading.Thread):
         seconds = time.monotonic() - t0
         self._publish(force=True)
         log.info("ready in %.2fs context_length=%d", seconds, info.context_length)
+        mem = self.snapshot
+        try:
+            rss = psutil.Process().memory_info().rss
+        except psutil.Error:
+            rss = 0
         self.emit(Ready(pid=os.getpid(), kind=info.kind, load_seconds=seconds,
-                        memory=self.snapshot, context_length=info.context_length,
+                        memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak, rss=rss), context_length=info.context_length,
                         embedding_dims=info.embedding_dims))
         return True
 
