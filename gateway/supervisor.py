@@ -381,6 +381,7 @@ class Supervisor:
         w.last_heartbeat = time.monotonic()
         if isinstance(msg, p.Heartbeat):
             w.memory = msg.memory
+            w.worker_inflight = msg.inflight + msg.queued
         elif isinstance(msg, p.Hello):
             w.pid = w.pid or msg.pid
             if w.state is State.STARTING:
@@ -655,6 +656,7 @@ class Supervisor:
                 "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,
                            "rss": w.memory.rss} if w.memory else None,
                 "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
+                "worker_inflight": w.worker_inflight,
                 "queued": len(slot.waiters) if slot else 0,
                 "last_used": time.time() - (now - w.last_used),
                 "idle_seconds": round(now - w.last_used, 3),

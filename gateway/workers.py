@@ -32,6 +32,7 @@ class Worker:
     last_heartbeat: float = field(default_factory=time.monotonic)
     memory: p.Memory | None = None
     inflight: int = 0
+    worker_inflight: int = 0  # what the worker itself last reported running
     context_length: int = 0
     load_seconds: float = 0.0
     kill_reason: str | None = None
