@@ -1,0 +1,167 @@
+"""The LM engine in-process, on the real tiny demo llama (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx_lm
+import pytest
+from mlx_supervisor.shared.protocol import Chunk, Done, Error, Generate, Started
+from mlx_supervisor.worker.engine_lm import LMEngine
+
+CHAT = [{"role": "user", "content": "Hello there, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir: Path):
+    e = LMEngine()
+    info = e.load(str(demo_model_dir))
+    assert info.kind == "lm" and info.context_length == 2048
+    yield e
+    e.close()
+
+
+def run(engine: LMEngine, *reqs: Generate, cancel_after: dict[str, int] | None = None,
+        ) -> dict[str, list]:
+    """Submit all, step until idle; ``cancel_after[id] = n`` cancels after n chunks of id."""
+    out: dict[str, list] = {r.id: [] for r in reqs}
+
+    def emit(m) -> None:
+        out[m.id].append(m)
+
+    for r in reqs:
+        engine.submit(r, emit)
+    steps = 0
+    while engine.has_work():
+        engine.step(emit)
+        steps += 1
+        assert steps < 5000
+        for rid, n in (cancel_after or {}).items():
+            if sum(isinstance(m, Chunk) for m in out[rid]) >= n and not isinstance(
+                    out[rid][-1], Done):
+                engine.cancel(rid, emit)
+    assert not engine.running and not engine.by_id
+    return out
+
+
+def text(msgs: list) -> str:
+    return "".join(m.text for m in msgs if isinstance(m, Chunk))
+
+
+def done(msgs: list) -> Done:
+    assert isinstance(msgs[-1], Done), msgs[-1]
+    return msgs[-1]
+
+
+def greedy(rid: str = "g", **kw) -> Generate:
+    return Generate(id=rid, **{"messages": CHAT, "max_tokens": 24, "temperature": 0.0, **kw})
+
+
+def test_streams_the_same_text_as_mlx_lm(engine: LMEngine, demo_model_dir: Path):
+    msgs = run(engine, Generate(id="s", prompt="The quick brown fox", max_tokens=20,
+                                temperature=0.0))["s"]
+    assert isinstance(msgs[0], Started) and msgs[0].prompt_tokens > 0
+    chunks = [m for m in msgs if isinstance(m, Chunk)]
+    assert len(chunks) >= 10  # streamed, not one blob
+    d = done(msgs)
+    assert d.finish_reason == "length" and d.completion_tokens == 20
+    assert sum(c.tokens for c in chunks) == 20
+    model, tok = mlx_lm.load(str(demo_model_dir))
+    assert text(msgs) == mlx_lm.generate(model, tok, "The quick brown fox", max_tokens=20)
+
+
+def test_stop_string_ends_stream_and_is_never_sent(engine: LMEngine):
+    full = text(run(engine, greedy(max_tokens=30))["g"])
+    assert len(full) > 20
+    for stop in (full[8:12], full[9:11] + full[11:14]):  # token-aligned or not
+        msgs = run(engine, greedy(stop=[stop, "never-seen"], max_tokens=30))["g"]
+        head = full[: full.index(stop)]
+        assert text(msgs) == head, (stop, full)
+        assert done(msgs).finish_reason == "stop"
+        assert done(msgs).completion_tokens < 30
+
+
+def test_eos_stops_and_is_not_text(engine: LMEngine):
+    eos = next(iter(engine.tokenizer.eos_token_ids))
+    msgs = run(engine, greedy(logit_bias={eos: 1000.0}))["g"]
+    d = done(msgs)
+    assert d.finish_reason == "stop" and d.completion_tokens == 1
+    assert text(msgs) == ""
+
+
+def test_max_tokens_gives_length(engine: LMEngine):
+    d = done(run(engine, greedy(max_tokens=5))["g"])
+    assert (d.finish_reason, d.completion_tokens) == ("length", 5)
+
+
+def test_batched_requests_match_their_solo_runs(engine: LMEngine):
+    a = Generate(id="a", prompt="Once upon a time", max_tokens=24, temperature=0.0)
+    b = greedy("b", max_tokens=16)
+    solo_a, solo_b = text(run(engine, a)["a"]), text(run(engine, b)["b"])
+    both = run(engine, a, b)
+    assert text(both["a"]) == solo_a and text(both["b"]) == solo_b
+
+
+def test_seed_reproduces_even_inside_a_batch(engine: LMEngine):
+    def seeded(rid: str, seed: int) -> Generate:
+        return Generate(id=rid, prompt="Hello world", max_tokens=24, temperature=1.0,
+                        top_p=0.95, seed=seed)
+
+    alone = text(run(engine, seeded("s", 7))["s"])
+    noise = Generate(id="n", messages=CHAT, max_tokens=30, temperature=1.0)
+    batched = run(engine, noise, seeded("s", 7))
+    assert text(batched["s"]) == alone
+    assert text(run(engine, seeded("s", 8))["s"]) != alone
+
+
+def test_logprobs_and_top_logprobs(engine: LMEngine):
+    msgs = run(engine, greedy(max_tokens=6, logprobs=True, top_logprobs=3))["g"]
+    lps = [lp for m in msgs if isinstance(m, Chunk) for lp in m.logprobs or []]
+    assert len(lps) == 6
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top) == 3
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert lp.top[0] == (lp.token, pytest.approx(lp.logprob))  # greedy takes the top one
+    # mlx-lm's BPE detokenizer drops the leading space of the first token
+    assert "".join(lp.token for lp in lps).lstrip() == text(msgs)
+
+
+def test_cancel_removes_only_that_request(engine: LMEngine):
+    out = run(engine, greedy("x", max_tokens=200), greedy("y", max_tokens=40),
+              cancel_after={"x": 3})
+    assert sum(isinstance(m, Chunk) for m in out["x"]) == 3
+    assert not any(isinstance(m, Done | Error) for m in out["x"])
+    assert done(out["y"]).completion_tokens == 40
+
+
+@pytest.mark.parametrize("req, code, words", [
+    (Generate(id="e", prompt_ids=[3 + i % 700 for i in range(2048)]), "context_length_exceeded",
+     ["2048", "2048 tokens"]),
+    (Generate(id="e", prompt="hi", max_tokens=0), "invalid_request_error", ["max_tokens"]),
+    (Generate(id="e", prompt=""), "invalid_request_error", ["empty"]),
+    (Generate(id="e"), "invalid_request_error", ["exactly one"]),
+])
+def test_bad_requests_are_400(engine: LMEngine, req: Generate, code: str, words: list[str]):
+    (err,) = run(engine, req)["e"]
+    assert isinstance(err, Error) and err.status == 400 and err.code == code
+    assert all(w in err.message for w in words), err.message
+
+
+def test_max_tokens_clamped_to_the_context(engine: LMEngine):
+    msgs = run(engine, Generate(id="c", prompt_ids=[3 + i % 700 for i in range(2040)], max_tokens=100,
+                                temperature=0.0))["c"]
+    d = done(msgs)
+    assert (d.prompt_tokens, d.completion_tokens, d.finish_reason) == (2040, 8, "length")
+
+
+def test_second_turn_reuses_the_prompt_cache(engine: LMEngine):
+    first = [{"role": "system", "content": "You are a tiny test model."},
+             {"role": "user", "content": "Tell me about the river and the old mill."}]
+    t1 = run(engine, Generate(id="t1", messages=first, max_tokens=12, temperature=0.0))["t1"]
+    reply = text(t1)
+    second = first + [{"role": "assistant", "content": reply},
+                      {"role": "user", "content": "And the sea?"}]
+    d = done(run(engine, Generate(id="t2", messages=second, max_tokens=4,
+                                  temperature=0.0))["t2"])
+    assert d.cached_tokens >= done(t1).prompt_tokens, (d, done(t1))
+    assert d.cached_tokens < d.prompt_tokens
