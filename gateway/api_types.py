@@ -64,7 +64,8 @@ class ChatRequest(Sampling, kw_only=True):
 
 
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str | int | list[int]]
+    """A string, token ids, or a list holding one of those (msgspec takes one array type per union)."""
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -72,7 +73,7 @@ class CompletionRequest(Sampling, kw_only=True):
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str | int | list[int]]
     encoding_format: str = "float"
     dimensions: int | None = None
     user: str | None = None
