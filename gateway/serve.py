@@ -53,14 +53,11 @@ def demo_models() -> dict[str, ModelConfig]:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
+    """The config file if there is one; ``--demo`` (or no config file at all) adds the demo models."""
     path = Path(args.config).expanduser() if getattr(args, "config", None) else paths.config_path()
-    if getattr(args, "demo", False) or (not getattr(args, "config", None) and not path.exists()):
-        cfg = Config()
-        if path.exists() and not getattr(args, "demo", False):
-            cfg = load(path)
+    cfg = load(path) if path.exists() or getattr(args, "config", None) else Config()
+    if getattr(args, "demo", False) or not path.exists():
         cfg.models = {**demo_models(), **cfg.models}
-    else:
-        cfg = load(path)
     for key in ("host", "port", "log_format"):
         v = getattr(args, key, None)
         if v is not None:
