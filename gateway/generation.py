@@ -66,6 +66,8 @@ class Outcome:
     t_started: float | None = None
     t_first_token: float | None = None
     t_finished: float | None = None
+    client: str | None = None  # the client's address, for the ledger
+    body: p.Generate | p.Embed | None = None  # the decoded request, for ledger.store_bodies
 
 
 Observer = Callable[[str, Outcome], None]

@@ -30,6 +30,7 @@ async def _start(request: Request, gw: Gateway, model_id: str, route: str,
     """Queue for a worker, send the request, wait for its first reply; all cancellable by disconnect."""
     outcome = Outcome(request_id=msg.id, model=model_id, route=route,
                       t_received=request.state.t_received)
+    outcome.client, outcome.body = (request.client.host if request.client else None), msg
     request.state.outcome = outcome
     gw.observe("queued", outcome)
 
