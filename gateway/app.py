@@ -122,7 +122,7 @@ async def _bug(request: Request, exc: Exception) -> Response:
 
 async def health(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
-    hot = sum(1 for w in gw.sup.workers.values() if w.hot)
+    hot = sum(1 for w in gw.sup.workers.values() if w.hot and not w.spare)
     body: dict[str, Any] = {"status": "ok", "hot_models": hot, "pid": gw.sup.snapshot()["pid"],
                             "uptime": round(time.time() - gw.sup.started, 3)}
     if gw.warnings:

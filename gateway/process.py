@@ -50,8 +50,7 @@ def worker_argv(
     spare: bool = False,
 ) -> list[str]:
     argv = [
-        sys.executable, "-m", "mlx_supervisor.worker",
-        "--model-id", model_id, "--kind", kind, "--endpoint", endpoint,
+        sys.executable, "-m", "mlx_supervisor.worker", "--kind", kind, "--endpoint", endpoint,
         "--worker-id", worker_id,
         "--heartbeat-interval", str(heartbeat_interval),
         "--gateway-timeout", str(gateway_timeout),
@@ -62,6 +61,8 @@ def worker_argv(
         argv += ["--context-length", str(context_length)]
     if spare:
         argv.append("--spare")
+    else:
+        argv += ["--model-id", model_id]
     return argv
 
 

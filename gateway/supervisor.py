@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlx_supervisor.gateway import process
-from mlx_supervisor.gateway.catalog import Entry
+from mlx_supervisor.gateway.catalog import WORKER_BASELINE, Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.eviction import Holder, plan_admission
 from mlx_supervisor.gateway.states import HOT, State, transition
@@ -48,6 +48,8 @@ from mlx_supervisor.shared.sizes import format_size
 
 log = logging.getLogger("mlx_supervisor.supervisor")
 TICK = 0.2
+SPARE = "(spare)"  # model id of the warm spare: imports done, no model yet
+SPARE_KINDS = frozenset({"lm", "vlm", "embeddings"})
 
 Hook = Callable[[str, dict[str, Any]], None]
 
@@ -71,6 +73,8 @@ class Supervisor:
         self._ticker: asyncio.Task[None] | None = None
         self._last_ping = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.spare: Worker | None = None
+        self._spare_retry_at = 0.0
 
     # ------------------------------------------------------------ public API (any task)
 
@@ -272,10 +276,10 @@ class Supervisor:
 
     def _holders(self, exclude: str) -> list[Holder]:
         out = [
-            Holder(w.model_id, w.bytes, w.last_used,
+            Holder(w.model_id, w.bytes, -1.0 if w.spare else w.last_used,
                    pinned=self.slots[w.model_id].pinned if w.model_id in self.slots else False,
-                   busy=w.inflight > 0 or w.state in (State.STARTING, State.LOADING)
-                   or bool(self.slots.get(w.model_id) and self.slots[w.model_id].waiters and not w.stopping),
+                   busy=not w.spare and (w.inflight > 0 or w.state in (State.STARTING, State.LOADING)
+                   or bool(self.slots.get(w.model_id) and self.slots[w.model_id].waiters and not w.stopping)),
                    stopping=w.stopping or w.state is State.DRAINING)
             for w in self.workers.values()
         ]
@@ -311,7 +315,7 @@ class Supervisor:
             slot.pending_admission = False
             return
         for victim_id in plan.victims:
-            victim = self.slots[victim_id].worker
+            victim = self.spare if victim_id == SPARE else self.slots[victim_id].worker
             if victim is not None:
                 self._emit("evicted", model=victim_id, pid=victim.pid, reason=f"making room for {slot.entry.id}")
                 self._drain(victim, f"evicted (LRU) to make room for {slot.entry.id}")
@@ -329,6 +333,8 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         e = slot.entry
+        if self._adopt_spare(slot):
+            return
         wid = f"{e.id}#{next(self._ids)}"
         worker = Worker(model_id=e.id, worker_id=wid, estimate=e.estimate, kind=e.kind,
                         context_length=e.context_length, reserved=e.reserved)
@@ -341,13 +347,53 @@ class Supervisor:
                  format_size(e.estimate), format_size(self.used_bytes()), format_size(self.budget))
         self._spawn_task(self._spawn_process(worker, e))
 
-    async def _spawn_process(self, worker: Worker, e: Entry) -> None:
-        argv = process.worker_argv(
-            model_id=e.id, kind=e.kind, endpoint=self.transport.endpoint, worker_id=worker.worker_id,
-            path=e.path or None, heartbeat_interval=self.cfg.heartbeat_interval,
-            gateway_timeout=max(30.0, self.cfg.heartbeat_timeout * 3), context_length=e.context_length)
+    def _adopt_spare(self, slot: Slot) -> bool:
+        """Hand the model to the warm spare (imports already done) instead of a fresh process."""
+        w, e = self.spare, slot.entry
+        if (w is None or w.state is not State.LOADING or w.stopping or e.env or e.ranks > 1
+                or e.kind not in SPARE_KINDS):
+            return False
+        self.spare = None
+        w.model_id, w.kind, w.estimate, w.spare = e.id, e.kind, e.estimate, False
+        w.context_length, w.reserved, w.memory = e.context_length, e.reserved, None
+        w.last_used = time.monotonic()
+        slot.worker = w
+        slot.loads += 1
+        self._emit("spawning", model=e.id, spare=True)
+        log.info("model=%s pid=%s loading in the warm spare %s", e.id, w.pid, w.worker_id)
+        self.transport.send(w.worker_id, p.Load(model_id=e.id, path=e.path, kind=e.kind,
+                                                context_length=e.context_length))
+        return True
+
+    def _ensure_spare(self) -> None:
+        """Keep one warm spare when it fits without evicting anything."""
+        now = time.monotonic()
+        if (not self.cfg.warm_spare or self.closing or self.spare is not None
+                or now < self._spare_retry_at or any(s.pending_admission for s in self.slots.values())):
+            return
+        plan = plan_admission(WORKER_BASELINE, self._holders(SPARE), self.budget, self.max_models)
+        if not plan.fits or plan.victims or plan.wait:
+            return
+        w = Worker(model_id=SPARE, worker_id=f"spare#{next(self._ids)}", estimate=WORKER_BASELINE,
+                   kind="lm", spare=True)
+        self.spare = w
+        self.workers[w.worker_id] = w
+        self.transport.allow(w.worker_id)
+        self._spawn_task(self._spawn_process(w, None))
+
+    async def _spawn_process(self, worker: Worker, e: Entry | None) -> None:
+        common = dict(endpoint=self.transport.endpoint, worker_id=worker.worker_id,
+                      heartbeat_interval=self.cfg.heartbeat_interval,
+                      gateway_timeout=max(30.0, self.cfg.heartbeat_timeout * 3))
+        if e is None:
+            argv = process.worker_argv(model_id=SPARE, kind="lm", path=None, spare=True, **common)
+            env = process.worker_env({}, self.cfg.allow_download)
+        else:
+            argv = process.worker_argv(model_id=e.id, kind=e.kind, path=e.path or None,
+                                       context_length=e.context_length, **common)
+            env = process.worker_env(e.env, self.cfg.allow_download)
         try:
-            wp = await process.spawn(argv, process.worker_env(e.env, self.cfg.allow_download), e.id)
+            wp = await process.spawn(argv, env, e.id if e else SPARE)
         except Exception as exc:  # e.g. interpreter missing, fork failure
             self.events.put_nowait(Spawned(worker, None, f"could not start worker: {exc}"))
             return
@@ -357,6 +403,13 @@ class Supervisor:
 
     def on_spawned(self, ev: Spawned) -> None:
         w = ev.worker
+        if ev.proc is None and w.spare:
+            log.error("warm spare could not start: %s", ev.error)
+            self._spare_retry_at = time.monotonic() + 60
+            self.spare = None
+            transition(w, State.CRASHED, ev.error or "spawn failed")
+            self._forget(w)
+            return
         if ev.proc is None:
             slot = self.slots[w.model_id]
             self._record_crash(slot, ev.error or "spawn failed")
@@ -430,6 +483,13 @@ class Supervisor:
         if n:
             log.warning("model=%s pid=%s failed %d request(s) in flight", w.model_id, w.pid, n)
         self._forget(w)
+        if w.spare:
+            if self.spare is w:
+                self.spare = None
+            if not asked:
+                self._spare_retry_at = time.monotonic() + 30
+            self._retry_admissions()
+            return
         self._emit("stopped" if asked else "crashed", model=w.model_id, pid=w.pid, reason=reason,
                    returncode=ev.returncode)
         if slot is not None and slot.worker is w:
@@ -513,7 +573,8 @@ class Supervisor:
                     self._kill(w, w.kill_reason)
             elif silent > self.cfg.heartbeat_timeout and not w.stopping:
                 self._kill(w, f"missed heartbeats for {silent:.1f}s (hung?)")
-            elif w.state in (State.STARTING, State.LOADING) and now - w.last_used > self.cfg.load_timeout:
+            elif (w.state in (State.STARTING, State.LOADING) and not w.spare
+                  and now - w.last_used > self.cfg.load_timeout):
                 self._kill(w, f"did not load within load_timeout ({self.cfg.load_timeout:g}s)")
             elif w.state is State.READY and w.inflight == 0:
                 slot = self.slots.get(w.model_id)
@@ -537,6 +598,7 @@ class Supervisor:
             for w in list(slot.waiters):  # expire queue waiters whose client gave up
                 if w.fut.done():
                     slot.waiters.remove(w)
+        self._ensure_spare()
 
     # ------------------------------------------------------------ admin commands
 
@@ -650,7 +712,7 @@ class Supervisor:
             slot = self.slots.get(w.model_id)
             ttl = slot.entry.ttl if slot else 0
             workers.append({
-                "model": w.model_id, "worker_id": w.worker_id, "pid": w.pid, "state": w.state.value,
+                "model": w.model_id, "spare": w.spare, "worker_id": w.worker_id, "pid": w.pid, "state": w.state.value,
                 "kind": w.kind, "memory_bytes": w.memory.footprint if w.memory else 0,
                 "estimated_bytes": w.estimate, "charged_bytes": w.bytes,
                 "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,

@@ -12,16 +12,16 @@ from mlx_supervisor.gateway.testing import ServerProcess
 
 
 def test_serve_demo_end_to_end_and_ctrl_c_leaves_no_worker() -> None:
-    srv = ServerProcess({}, extra_args=["--demo"], ready_timeout=120)
+    srv = ServerProcess({}, {"warm_spare": True}, extra_args=["--demo"], ready_timeout=120)
     with srv:
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] is not None
         workers = srv.worker_pids()
-        assert len(workers) == 1
-        cmd = " ".join(psutil.Process(workers[0]).cmdline())
-        assert "mlx_supervisor.worker" in cmd and "--model-id demo" in cmd
+        demo = {w["model"]: w for w in httpx.get(srv.url + "/admin/ps").json()["workers"]}["demo"]
+        assert demo["pid"] in workers and demo["state"] == "ready"
+        assert "mlx_supervisor.worker" in " ".join(psutil.Process(demo["pid"]).cmdline())
         models = httpx.get(srv.url + "/v1/models").json()["data"]
         assert "demo" in {m["id"] for m in models}
         rc = srv.stop(signal.SIGINT)
