@@ -231,6 +231,8 @@ class Supervisor:
             slot.last_used = time.time()
             if worker.state is State.READY:
                 self._pump(slot)
+        if worker.state is State.READY and worker.recycle and worker.inflight == 0:
+            self._drain(worker, "recycled: grew past its memory share")
         if worker.state is State.DRAINING and worker.inflight == 0:
             self._stop(worker, worker.stop_reason or "drained")
 
@@ -598,7 +600,44 @@ class Supervisor:
             for w in list(slot.waiters):  # expire queue waiters whose client gave up
                 if w.fut.done():
                     slot.waiters.remove(w)
+        self._enforce_budget()
         self._ensure_spare()
+
+    def _enforce_budget(self) -> None:
+        """Workers grow after admission (KV cache, buffers). Policy when the measured total goes
+        over the budget: evict idle unpinned workers, least recently used first (the spare first);
+        if that is not enough, recycle the worker that grew most past its estimate as soon as its
+        in-flight requests finish (a pinned one is reloaded right after)."""
+        over = self.used_bytes() - self.budget
+        if over <= 0:
+            return
+        stopping = sum(w.bytes for w in self.workers.values() if w.stopping or w.state is State.DRAINING)
+        over -= stopping
+        idle = sorted((w for w in self.workers.values()
+                       if w.state is State.READY and w.inflight == 0 and not w.stopping
+                       and not (w.model_id in self.slots and self.slots[w.model_id].pinned)),
+                      key=lambda w: -1.0 if w.spare else w.last_used)
+        if self.spare is not None and self.spare.state is State.LOADING and not self.spare.stopping:
+            idle.insert(0, self.spare)
+        for w in idle:
+            if over <= 0:
+                return
+            log.warning("memory over budget by %s: evicting %s", format_size(over), w.model_id)
+            self._emit("evicted", model=w.model_id, pid=w.pid, reason="over budget")
+            self._drain(w, f"evicted: memory over budget by {format_size(over)}")
+            over -= w.bytes
+        if over <= 0:
+            return
+        growers = [w for w in self.workers.values()
+                   if w.state is State.READY and not w.recycle and w.bytes > w.estimate]
+        if growers:
+            w = max(growers, key=lambda w: w.bytes - w.estimate)
+            w.recycle = True
+            log.warning("model=%s pid=%s grew to %s (estimate %s) and the ledger is over budget: "
+                        "recycling it when its requests finish", w.model_id, w.pid,
+                        format_size(w.bytes), format_size(w.estimate))
+            if w.inflight == 0:
+                self._drain(w, "recycled: grew past its memory share")
 
     # ------------------------------------------------------------ admin commands
 
@@ -645,6 +684,9 @@ class Supervisor:
             fut.set_result(None)
 
     def on_cancelcmd(self, ev: CancelCmd) -> None:
+        # The route's Run sees a finished stream and so will not send Cancel: tell the worker here.
+        for wid in [w for w in self.workers if ev.request_id in self.transport.streams_of(w)]:
+            self.transport.send(wid, p.Cancel(id=ev.request_id))
         ok = self.transport.fail_request(ev.request_id, f"request {ev.request_id} was {ev.reason}",
                                          code="cancelled", status=499)
         for slot in self.slots.values():
