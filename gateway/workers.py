@@ -40,6 +40,7 @@ class Worker:
     stopping: bool = False
     spare: bool = False
     reserved: bool = False
+    recycle: bool = False  # grew past its share while the ledger was over budget
 
     @property
     def bytes(self) -> int:
