@@ -52,8 +52,8 @@ class WorkerHandle:
     ``stderr()`` is the worker's log so far; ``wait()`` its exit code.
     """
 
-    def __init__(self, router, worker_id: str, proc, log_path: Path) -> None:
-        self.router = router
+    def __init__(self, factory: WorkerFactory, worker_id: str, proc, log_path: Path) -> None:
+        self.factory = factory
         self.worker_id = worker_id
         self.proc = proc
         self.log_path = log_path
@@ -62,23 +62,19 @@ class WorkerHandle:
     def send(self, msg) -> None:
         from mlx_supervisor.shared.protocol import encode
 
-        self.router.send_multipart([self.worker_id.encode(), encode(msg)])
+        self.factory.router.send_multipart([self.worker_id.encode(), encode(msg)])
 
     def recv(self, timeout: float = 10.0, skip_heartbeats: bool = True):
         import time
 
-        import zmq
-        from mlx_supervisor.shared.protocol import Heartbeat, decode_from_worker
+        from mlx_supervisor.shared.protocol import Heartbeat
 
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.router.poll(int(left * 1000), zmq.POLLIN):
+            msg = self.factory.next_for(self.worker_id, deadline)
+            if msg is None:
                 raise TimeoutError(f"no message from worker {self.worker_id} in {timeout}s; "
                                    f"exit={self.proc.poll()}; log:\n{self.stderr()[-3000:]}")
-            wid, data = self.router.recv_multipart()
-            assert wid.decode() == self.worker_id, wid
-            msg = decode_from_worker(data)
             if skip_heartbeats and isinstance(msg, Heartbeat):
                 continue
             return msg
@@ -118,6 +114,24 @@ class WorkerFactory:
         self.router.bind(self.endpoint)
         self.handles: list[WorkerHandle] = []
         self._n = 0
+        self._pending: dict[str, list] = {}
+
+    def next_for(self, worker_id: str, deadline: float):
+        """The next message from ``worker_id`` (others' are kept for them), or None at
+        ``deadline``."""
+        import time
+
+        import zmq
+        from mlx_supervisor.shared.protocol import decode_from_worker
+
+        queue = self._pending.setdefault(worker_id, [])
+        while not queue:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.router.poll(int(left * 1000), zmq.POLLIN):
+                return None
+            wid, data = self.router.recv_multipart()
+            self._pending.setdefault(wid.decode(), []).append(decode_from_worker(data))
+        return queue.pop(0)
 
     def spawn(self, model_id: str = "m", kind: str = "fake", path: str | Path | None = None, *,
               spare: bool = False, heartbeat: float = 0.2, gateway_timeout: float = 30.0,
@@ -145,7 +159,7 @@ class WorkerFactory:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True,
                                     env={**os.environ, **(env or {})})
-        handle = WorkerHandle(self.router, wid, proc, log_path)
+        handle = WorkerHandle(self, wid, proc, log_path)
         self.handles.append(handle)
         return handle
 

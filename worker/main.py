@@ -42,7 +42,8 @@ log = logging.getLogger("mlx_supervisor.worker")
 
 OUT_ADDR = "inproc://mlx-out"
 SHUTDOWN_GRACE = 2.0  # seconds the MLX thread gets to finish its current step on Shutdown
-EXIT_BACKSTOP = 1.0  # seconds for socket teardown before we exit regardless
+EXIT_BACKSTOP = 1.0
+BURST = 256  # messages moved per socket per loop turn  # seconds for socket teardown before we exit regardless
 
 
 class _Prefix(logging.Formatter):
@@ -147,17 +148,11 @@ def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: M
         wait = max(0.0, min(next_beat - time.monotonic(), 0.5))
         events = dict(poller.poll(int(wait * 1000)))
         if pull in events:
-            while True:
-                try:
-                    frames = pull.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) == 1:
-                    dealer.send(frames[0])
-                else:
-                    return int(frames[1])
+            code = _forward(pull, dealer, BURST)  # bounded: a fast stream must not starve beats
+            if code is not None:
+                return code
         if dealer in events:
-            while True:
+            for _ in range(BURST):
                 try:
                     data = dealer.recv(zmq.NOBLOCK)
                 except zmq.Again:
@@ -195,8 +190,28 @@ def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: M
             log.error("parent process %d is gone; exiting", parent.original)
             return EXIT_PARENT_GONE
         if not mlx.is_alive():
+            code = _forward(pull, dealer, None)  # its last words may still be in the pipe
+            if code is not None:
+                return code
             log.error("MLX thread ended unexpectedly; exiting")
             return 1
+
+
+def _forward(pull: zmq.Socket, dealer: zmq.Socket, limit: int | None) -> int | None:
+    """Move up to ``limit`` (None: all) pushed frames to the gateway; an exit frame stops and
+    returns its code."""
+    n = 0
+    while limit is None or n < limit:
+        n += 1
+        try:
+            frames = pull.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        if len(frames) == 1:
+            dealer.send(frames[0])
+        else:
+            return int(frames[1])
+    return None
 
 
 def _teardown(zctx: zmq.Context, dealer: zmq.Socket, pull: zmq.Socket, mlx: MLXThread,

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import psutil
 import zmq
@@ -141,6 +142,9 @@ class MLXThread(threading.Thread):
         log.info("loading %s kind=%s from %s", msg.model_id, msg.kind, msg.path or "(no path)")
         t0 = time.monotonic()
         try:
+            if msg.kind != "fake" and not (msg.path and Path(msg.path).exists()):
+                # fail before the engine's imports: seconds sooner for a wrong path
+                raise FileNotFoundError(f"model path {msg.path!r} does not exist")
             self.engine = make_engine(msg.kind, context_length=msg.context_length)
             info = self.engine.load(msg.path)
         except BaseException as e:  # noqa: BLE001 - anything at all is a load failure
@@ -159,7 +163,9 @@ class MLXThread(threading.Thread):
         except psutil.Error:
             rss = 0
         self.emit(Ready(pid=os.getpid(), kind=info.kind, load_seconds=seconds,
-                        memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak, rss=rss), context_length=info.context_length,
+                        memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
+                                      rss=rss),
+                        context_length=info.context_length,
                         embedding_dims=info.embedding_dims))
         return True
 
@@ -168,6 +174,8 @@ class MLXThread(threading.Thread):
         assert engine is not None
         while True:
             busy = engine.has_work()
+            if not busy:
+                self._publish(force=True)  # fresh figures before going idle
             try:
                 msg = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.5)
             except queue.Empty:
@@ -188,8 +196,6 @@ class MLXThread(threading.Thread):
                                         status=500))
                         self._cancel_quietly(engine, rid)
                 self._publish()
-            else:
-                self._publish(force=True)
 
     def _handle(self, engine: Engine, msg: object) -> None:
         if isinstance(msg, Generate | Embed):
