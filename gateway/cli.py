@@ -9,6 +9,12 @@ from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
+EXIT_CODES = """exit codes:
+  0  success (`stop` when nothing is running is a success too)
+  1  the command failed (refused, timed out, or the gateway answered an error)
+  2  bad usage or a config that cannot be used
+  3  the gateway is not running (`status`, and commands that need a running gateway)"""
+
 
 def _serve(args: argparse.Namespace) -> int:
     from mlx_supervisor.gateway.serve import run
@@ -25,7 +31,8 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-supervisor", description=__doc__)
+    p = argparse.ArgumentParser(prog="mlx-supervisor", description=__doc__, epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config file (default: $MLX_SUPERVISOR_CONFIG or ~/.config/mlx-supervisor/config.toml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true", help="serve the built-in demo models")
     s.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without an API key")
     s.add_argument("--log-format", choices=["text", "json"])
+    s.add_argument("--log-file", help="log to this file, rotated by size, instead of stderr (used by `start`)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo-model", help="build the tiny demo llama into DIR")

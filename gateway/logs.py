@@ -1,10 +1,16 @@
-"""Logging: one line per event, text or JSON, with the request id of the task that logged it."""
+"""Logging: one line per event, text or JSON, with the request id of the task that logged it.
+
+A daemon (``serve --log-file``) writes its own size-rotated file instead of a shell redirect, so
+the log cannot fill the disk and rotation never leaves us writing to a renamed file.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -39,8 +45,19 @@ class JSONFormatter(logging.Formatter):
         return msgspec.json.encode(out).decode()
 
 
-def setup_logging(cfg: Config, stream: Any = None) -> logging.Handler:
-    handler = logging.StreamHandler(stream or sys.stderr)
+LOG_MAX_BYTES = 10 * 2**20
+LOG_BACKUPS = 5
+
+
+def setup_logging(cfg: Config, stream: Any = None, log_file: str | Path | None = None,
+                  max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> logging.Handler:
+    handler: logging.Handler
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes,
+                                                       backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
     if cfg.log_format == "json":
         handler.setFormatter(JSONFormatter())
     else:

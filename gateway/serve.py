@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import importlib.util
 import ipaddress
@@ -24,7 +25,7 @@ from typing import Any
 
 import psutil
 import uvicorn
-from mlx_supervisor.gateway import catalog
+from mlx_supervisor.gateway import catalog, pidfile
 from mlx_supervisor.gateway.app import create_app
 from mlx_supervisor.gateway.context import Gateway
 from mlx_supervisor.gateway.logs import setup_logging
@@ -34,6 +35,8 @@ from mlx_supervisor.shared.config import Config, ConfigError, ModelConfig, load,
 from mlx_supervisor.shared.sizes import format_size, parse_size
 
 log = logging.getLogger("mlx_supervisor.serve")
+# The arguments the running gateway was configured from: SIGHUP (gateway/reload.py) re-reads them.
+CONFIG_ARGS: argparse.Namespace | None = None
 
 
 def demo_models() -> dict[str, ModelConfig]:
@@ -163,16 +166,29 @@ class GatewayServer(uvicorn.Server):
 
 
 def run(args: argparse.Namespace) -> int:
+    global CONFIG_ARGS
+    CONFIG_ARGS = args
     try:
         cfg = resolve_config(args)
     except ConfigError as e:
         print(f"mlx-supervisor: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg)
+    log_file = getattr(args, "log_file", None)
+    setup_logging(cfg, log_file=log_file)
     if not is_loopback(cfg.host) and not cfg.api_key and not getattr(args, "insecure_no_auth", False):
         print(f"mlx-supervisor: refusing to listen on {cfg.host} without an api_key; set api_key in the "
               "config or pass --insecure-no-auth", file=sys.stderr)
         return 2
+    # The pidfile lets `mlx-supervisor status/stop` find us however we were started.
+    pid_path = pidfile.path_for(cfg)
+    config_file = Path(args.config).expanduser().resolve() if getattr(args, "config", None) else paths.config_path()
+    try:
+        pidfile.claim(pid_path, pidfile.this_process(pidfile.connect_url(cfg.host, cfg.port),
+                                                     str(config_file), log_file))
+    except (pidfile.AlreadyRunning, PermissionError) as e:
+        print(f"mlx-supervisor: {e}", file=sys.stderr)
+        return 1
+    atexit.register(pidfile.release, pid_path)
     _load_plugins()
     try:
         gw, warnings = build_gateway(cfg)

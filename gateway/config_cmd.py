@@ -1,0 +1,94 @@
+"""``config check|init|paths``: validate a config before a gateway refuses it, write the example.
+
+The example lives in ``gateway/templates/config.example.toml`` (package data, so ``config init``
+works from a wheel); ``deploy/config.example.toml`` is a byte-for-byte copy for readers of the
+repository, and a test keeps the two equal and checks that every setting is documented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import psutil
+from mlx_supervisor.gateway import catalog, pidfile
+from mlx_supervisor.gateway.client import config_file
+from mlx_supervisor.shared import paths
+from mlx_supervisor.shared.config import Config, ConfigError, load, semantic_problems
+
+# Next to this module rather than importlib.resources: an editable install of our
+# namespace-mapped packages has no resource reader, and a wheel installs it as a plain file.
+EXAMPLE = Path(__file__).with_name("templates") / "config.example.toml"
+
+
+def example_text() -> str:
+    return EXAMPLE.read_text(encoding="utf-8")
+
+
+def problems_of(path: Path) -> tuple[Config | None, list[tuple[str, str]]]:
+    """Every problem of the file at ``path``: types first; semantics only once it parses."""
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        return None, e.problems
+    return cfg, semantic_problems(cfg, psutil.virtual_memory().total)
+
+
+def check(args: argparse.Namespace) -> int:
+    path = Path(args.file).expanduser() if args.file else config_file(args)
+    cfg, problems = problems_of(path)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        for key, msg in problems:
+            print(f"  {key}: {msg}", file=sys.stderr)
+        return 1
+    assert cfg is not None
+    _, _, warnings = catalog.build(cfg, psutil.virtual_memory().total)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{path}: ok ({len(cfg.models)} model(s))")
+    return 0
+
+
+def init(args: argparse.Namespace) -> int:
+    path = Path(args.file).expanduser() if args.file else config_file(args)
+    if path.exists() and not args.force:
+        print(f"mlx-supervisor: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(example_text(), encoding="utf-8")
+    print(f"wrote {path}; edit its [models] and check it with `mlx-supervisor config check`")
+    return 0
+
+
+def show_paths(args: argparse.Namespace) -> int:
+    path = config_file(args)
+    try:
+        cfg = load(path) if path.exists() else Config()
+    except ConfigError:
+        cfg = Config()
+    rows = [("config", f"{path}{'' if path.exists() else ' (missing)'}"),
+            ("run dir", str(pidfile.run_dir_for(cfg))), ("pidfile", str(pidfile.path_for(cfg))),
+            ("log dir", str(pidfile.log_dir_for(cfg))), ("data dir", str(paths.data_dir())),
+            ("hf cache", str(catalog.hf_cache_dir()))]
+    for k, v in rows:
+        print(f"{k:<9} {v}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: str) -> None:
+    c = sub.add_parser("config", help="check or create the config file", epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    ck = csub.add_parser("check", help="validate FILE (default: the config in use); exit 1 on problems",
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ck.add_argument("file", nargs="?")
+    ck.set_defaults(func=check)
+    it = csub.add_parser("init", help="write the documented example config to FILE (default: the config path)",
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    it.add_argument("file", nargs="?")
+    it.add_argument("--force", action="store_true", help="overwrite an existing file")
+    it.set_defaults(func=init)
+    pp = csub.add_parser("paths", help="where the config, pidfile, logs and data live")
+    pp.set_defaults(func=show_paths)
