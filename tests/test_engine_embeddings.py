@@ -157,13 +157,14 @@ def test_many_inputs_split_into_passes(small: EmbeddingsEngine) -> None:
 )
 def test_bad_input_is_400(engine: EmbeddingsEngine, req: Embed) -> None:
     err = error(engine, req)
-    assert err.status == 400 and err.id == "e"
+    assert err.status == 400 and err.id == "e" and err.param in ("input", "dimensions")
 
 
 def test_generate_is_refused(engine: EmbeddingsEngine) -> None:
     err = error(engine, Generate(id="g", prompt="hello"))
     assert err.status == 400
     assert err.message == f"model {engine.model_id} is an embeddings model"
+    assert err.code == "model_not_supported"
 
 
 def test_cancel_drops_queued_request(engine: EmbeddingsEngine) -> None:
@@ -175,3 +176,18 @@ def test_cancel_drops_queued_request(engine: EmbeddingsEngine) -> None:
         engine.step(out.append)
     assert [m.id for m in out] == ["b"]
     assert engine.memory().footprint > 0
+
+
+def test_real_worker_process(workers: Any, embeddings_model_dir: Path) -> None:
+    """The worker loads this engine by kind and reports the vector width in Ready."""
+    from mlx_supervisor.shared.protocol import Hello, Ready
+
+    w = workers.spawn("minilm", "embeddings", embeddings_model_dir)
+    assert isinstance(w.recv(timeout=60), Hello)
+    ready = w.recv(timeout=60)
+    assert isinstance(ready, Ready), ready
+    assert (ready.kind, ready.embedding_dims, ready.context_length) == ("embeddings", DIMS, 512)
+    w.send(Embed(id="w1", texts=["hello", "world"], dimensions=8))
+    msg = w.recv(timeout=30)
+    assert isinstance(msg, Embeddings) and msg.dims == 8 and len(msg.vectors) == 2
+    assert all(len(v) == 8 * 4 for v in msg.vectors)

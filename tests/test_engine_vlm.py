@@ -158,3 +158,19 @@ def test_cancel_running_and_queued(engine: VLMEngine) -> None:
                                                              if m.id == "c1")
     assert isinstance(of(out, "c3")[-1], Done)
     assert engine.memory().active > 0
+
+
+def test_real_worker_process_serves_images(workers: Any, vlm_model_dir: Path) -> None:
+    """The worker loads this engine by kind and carries image bytes over the wire."""
+    from mlx_supervisor.shared.protocol import Hello, Ready
+
+    w = workers.spawn("tiny-vl", "vlm", vlm_model_dir)
+    assert isinstance(w.recv(timeout=60), Hello)
+    ready = w.recv(timeout=60)
+    assert isinstance(ready, Ready) and ready.kind == "vlm", ready
+    w.send(Generate(id="w1", messages=ask("What?"), images=[png()], max_tokens=4))
+    msgs = w.until(Done, timeout=60)
+    assert isinstance(msgs[0], Started) and msgs[-1].completion_tokens <= 4
+    w.send(Generate(id="w2", messages=ask("What?"), images=[b"junk"]))
+    err = w.recv(timeout=30)
+    assert isinstance(err, Error) and err.status == 400

@@ -37,6 +37,7 @@ import numpy as np
 import psutil
 from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate, Memory
 from mlx_supervisor.worker.engine import Emit, LoadInfo
+from mlx_supervisor.worker.validation import bad_request
 
 TOKENS_PER_PASS = 8192
 """Padded tokens (batch x longest input) per forward pass: about 200 MB of attention scores
@@ -51,10 +52,6 @@ class _Job:
     ids: list[list[int]] | None = None
     batches: deque[list[int]] = field(default_factory=deque)
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
-
-
-def _bad(req_id: str, message: str, param: str | None = None) -> Error:
-    return Error(id=req_id, message=message, status=400, code="invalid_request_error", param=param)
 
 
 def mlx_memory() -> Memory:
@@ -120,7 +117,8 @@ class EmbeddingsEngine:
 
     def submit(self, req: Generate | Embed, emit: Emit) -> None:
         if isinstance(req, Generate):
-            emit(_bad(req.id, f"model {self.model_id} is an embeddings model", "model"))
+            emit(bad_request(req.id, f"model {self.model_id} is an embeddings model",
+                             code="model_not_supported", param="model"))
             return
         problem = self._validate(req)
         if problem is not None:
@@ -129,26 +127,23 @@ class EmbeddingsEngine:
         self._jobs.append(_Job(req))
 
     def _validate(self, req: Embed) -> Error | None:
+        def bad(message: str, param: str = "input") -> Error:
+            return bad_request(req.id, message, param=param)
+
         if (req.texts is None) == (req.token_ids is None):
-            return _bad(req.id, "give exactly one of texts or token_ids", "input")
+            return bad("give exactly one of texts or token_ids")
         items: list[Any] = req.texts if req.texts is not None else req.token_ids
         if not items:
-            return _bad(req.id, "input must not be empty", "input")
+            return bad("input must not be empty")
         for i, item in enumerate(items):
             if len(item) == 0:
-                return _bad(req.id, f"input[{i}] is empty", "input")
-        if req.token_ids is not None:
-            for i, ids in enumerate(req.token_ids):
-                if min(ids) < 0 or max(ids) >= self._vocab:
-                    return _bad(
-                        req.id, f"input[{i}] has a token id outside 0..{self._vocab - 1}", "input"
-                    )
+                return bad(f"input[{i}] is empty")
+        for i, ids in enumerate(req.token_ids or []):
+            if min(ids) < 0 or max(ids) >= self._vocab:
+                return bad(f"input[{i}] has a token id outside 0..{self._vocab - 1}")
         if req.dimensions is not None and not 1 <= req.dimensions <= self._dims:
-            return _bad(
-                req.id,
-                f"dimensions must be between 1 and {self._dims} for model {self.model_id}",
-                "dimensions",
-            )
+            return bad(f"dimensions must be between 1 and {self._dims} for model "
+                       f"{self.model_id}", "dimensions")
         return None
 
     def cancel(self, request_id: str, emit: Emit) -> None:
