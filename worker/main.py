@@ -4,6 +4,13 @@
 --endpoint ipc:///path.sock --worker-id WID [--path DIR] [--spare] [--heartbeat-interval 1.0]
 [--gateway-timeout 30] [--context-length N]``
 
+Messages: ``Hello`` first; then ``Ready`` or ``LoadFailed`` (exit 3); a spare (``--spare``:
+imports done, no model) waits for ``Load`` first. Requests get ``Started``, ``Chunk``s and one
+``Done`` or ``Error``. After ``Cancel`` nothing more is sent for that id (chunks already in the
+pipe may still arrive; a request that had finished has had its Done). ``Shutdown`` answers each
+request in flight with ``Error(503, "worker_shutdown")`` and exits 0. ``Ping`` only counts as
+gateway liveness. ``Heartbeat`` every ``--heartbeat-interval`` s, whatever the MLX thread does.
+
 The io (main) thread alone touches the gateway's DEALER socket: it forwards what the MLX thread
 pushes, queues what the gateway sends, sends heartbeats on time even while the MLX thread is
 busy loading or decoding, and decides when the process ends. Exit codes: 0 after Shutdown,

@@ -24,8 +24,19 @@ hang_requested = threading.Event()
 """Set by the fake engine (``FAKE_HANG_WORD``): the io loop then stops answering forever."""
 
 
+_first_ppid: int | None = None
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
-    """Ask the kernel to send ``sig`` when our parent dies; False where unsupported."""
+    """Ask the kernel to send ``sig`` when our parent dies; False where unsupported.
+
+    Called first thing in ``__main__`` (before the heavy imports) to keep the window small in
+    which a parent that dies goes unnoticed; the parent pid seen then is what
+    :class:`ParentWatch` compares with.
+    """
+    global _first_ppid
+    if _first_ppid is None:
+        _first_ppid = os.getppid()
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -39,7 +50,7 @@ class ParentWatch:
     """Remembers the parent pid at start; ``gone()`` once we have been re-parented."""
 
     def __init__(self) -> None:
-        self.original = os.getppid()
+        self.original = _first_ppid if _first_ppid is not None else os.getppid()
 
     def gone(self) -> bool:
         return os.getppid() != self.original
