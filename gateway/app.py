@@ -96,18 +96,23 @@ class GatewayMiddleware:
 
     def _log(self, scope: Scope, rid: str, status: int, t0: float) -> None:
         path = scope["path"]
-        if path in ("/health", "/metrics", "/health/ready") or path.startswith("/static"):
+        # Probes, scrapes and the status page's own polling would drown the real traffic.
+        if path in ("/", "/health", "/metrics", "/health/ready", "/admin/status") or path.startswith("/static"):
             return
         o = scope.get("state", {}).get("outcome")
+        duration_ms = round((time.time() - t0) * 1000, 1)
+        fields: dict[str, Any] = {"request_id": rid, "http_status": status, "path": path,
+                                  "method": scope["method"], "duration_ms": duration_ms}
         extra = ""
         if o is not None:
-            ttft = f"{(o.t_first_token - o.t_received) * 1000:.0f}ms" if o.t_first_token else "-"
+            ttft_ms = round((o.t_first_token - o.t_received) * 1000, 1) if o.t_first_token else None
+            fields.update(model=o.model, status=o.status, prompt_tokens=o.prompt_tokens,
+                          completion_tokens=o.completion_tokens, ttft_ms=ttft_ms)
+            ttft = f"{ttft_ms:.0f}ms" if ttft_ms is not None else "-"
             extra = (f" model={o.model} status={o.status} prompt_tokens={o.prompt_tokens} "
                      f"completion_tokens={o.completion_tokens} ttft={ttft}")
         log.info("%s %s %d request_id=%s duration=%.0fms%s", scope["method"], path, status, rid,
-                 (time.time() - t0) * 1000, extra,
-                 extra={"request_id": rid, "http_status": status, "path": path,
-                        "model": getattr(o, "model", None)})
+                 duration_ms, extra, extra=fields)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
