@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import psutil
-from mlx_supervisor.gateway import catalog, pidfile
+from mlx_supervisor.gateway import pidfile
 from mlx_supervisor.gateway.client import config_file
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import Config, ConfigError, load, semantic_problems
@@ -28,6 +27,8 @@ def example_text() -> str:
 
 def problems_of(path: Path) -> tuple[Config | None, list[tuple[str, str]]]:
     """Every problem of the file at ``path``: types first; semantics only once it parses."""
+    import psutil
+
     try:
         cfg = load(path)
     except ConfigError as e:
@@ -44,6 +45,9 @@ def check(args: argparse.Namespace) -> int:
             print(f"  {key}: {msg}", file=sys.stderr)
         return 1
     assert cfg is not None
+    import psutil
+    from mlx_supervisor.gateway import catalog
+
     _, _, warnings = catalog.build(cfg, psutil.virtual_memory().total)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -63,6 +67,8 @@ def init(args: argparse.Namespace) -> int:
 
 
 def show_paths(args: argparse.Namespace) -> int:
+    from mlx_supervisor.gateway.catalog import hf_cache_dir
+
     path = config_file(args)
     try:
         cfg = load(path) if path.exists() else Config()
@@ -71,7 +77,7 @@ def show_paths(args: argparse.Namespace) -> int:
     rows = [("config", f"{path}{'' if path.exists() else ' (missing)'}"),
             ("run dir", str(pidfile.run_dir_for(cfg))), ("pidfile", str(pidfile.path_for(cfg))),
             ("log dir", str(pidfile.log_dir_for(cfg))), ("data dir", str(paths.data_dir())),
-            ("hf cache", str(catalog.hf_cache_dir()))]
+            ("hf cache", str(hf_cache_dir()))]
     for k, v in rows:
         print(f"{k:<9} {v}")
     return 0
