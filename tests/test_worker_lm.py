@@ -165,3 +165,14 @@ def test_second_turn_reuses_the_prompt_cache(engine: LMEngine):
                                   temperature=0.0))["t2"])
     assert d.cached_tokens >= done(t1).prompt_tokens, (d, done(t1))
     assert d.cached_tokens < d.prompt_tokens
+
+
+def test_every_sampling_option_in_one_batch(engine: LMEngine):
+    fancy = Generate(id="f", prompt="Lists: apples, oranges", max_tokens=12, temperature=0.7,
+                     top_p=0.9, top_k=5, min_p=0.05, repetition_penalty=1.2,
+                     presence_penalty=0.5, frequency_penalty=0.3, logit_bias={5: -5.0})
+    plain = Generate(id="p", prompt="Numbers:", max_tokens=12, temperature=0.0)
+    out = run(engine, fancy, plain)
+    assert done(out["f"]).completion_tokens == 12 and done(out["p"]).completion_tokens == 12
+    (err,) = run(engine, Generate(id="i", prompt="x", images=[b"png"]))["i"]
+    assert isinstance(err, Error) and err.status == 400
