@@ -98,15 +98,20 @@ def test_two_images_and_text_only_turns(engine: VLMEngine) -> None:
 
 
 def test_stop_string_ends_the_stream(engine: VLMEngine) -> None:
-    req = Generate(id="s", messages=ask("Say things.", 0), max_tokens=20, temperature=0.0,
-                   logit_bias={2: -100.0, 0: -100.0})
-    full = text(run(engine, req))
-    stop = full[len(full) // 2:][:2]
-    assert stop.strip(), full
-    out = run(engine, Generate(id="s2", messages=ask("Say things.", 0), max_tokens=20,
-                               temperature=0.0, logit_bias={2: -100.0, 0: -100.0}, stop=[stop]))
-    assert out[-1].finish_reason == "stop" and out[-1].completion_tokens < 20
-    assert text(out) == full[:full.index(stop)]
+    def say(rid: str, stop: list[str]) -> list[Any]:
+        return run(engine, Generate(id=rid, messages=ask("Say things.", 0), max_tokens=24,
+                                    seed=1, logit_bias={2: -100.0, 0: -100.0}, stop=stop))
+
+    full = say("s1", [])
+    chunks = [m.text for m in full if isinstance(m, Chunk)]
+    assert len(chunks) > 1, chunks
+    # A stop string inside the first chunk: the stream must end long before max_tokens.
+    stop = chunks[0].strip()[:2]
+    whole = "".join(chunks)
+    out = say("s2", [stop])
+    assert out[-1].finish_reason == "stop"
+    assert out[-1].completion_tokens < full[-1].completion_tokens == 24
+    assert text(out) == whole[:whole.index(stop)]
 
 
 def test_logprobs_and_seed(engine: VLMEngine) -> None:
