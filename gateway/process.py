@@ -31,6 +31,7 @@ def worker_env(extra: Mapping[str, str], allow_hf_token: bool = False) -> dict[s
         if not _SECRET.search(k) or (allow_hf_token and k in _KEEP)
     }
     env.update(extra)
+    env["MLX_SUPERVISOR_PARENT_PID"] = str(os.getpid())
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"

@@ -36,7 +36,11 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     """
     global _first_ppid
     if _first_ppid is None:
-        _first_ppid = os.getppid()
+        # The gateway names itself: a parent that died before this line ran is caught too.
+        expected = os.environ.get("MLX_SUPERVISOR_PARENT_PID", "")
+        _first_ppid = int(expected) if expected.isdigit() else os.getppid()
+        if os.getppid() != _first_ppid:
+            os._exit(4)  # EXIT_PARENT_GONE; shared.protocol is not imported yet on purpose
     if not sys.platform.startswith("linux"):
         return False
     try:
