@@ -98,7 +98,11 @@ class VLMEngine:
 
     def load(self, path: str) -> LoadInfo:
         from mlx_vlm import load
+        from transformers.utils import logging as hf_logging
 
+        # mlx-vlm asks for this with TRANSFORMERS_VERBOSITY=error at import, too late when
+        # mlx-lm imported transformers first; without it every chat request logs a warning.
+        hf_logging.set_verbosity_error()
         if not path or not Path(path, "config.json").is_file():  # else mlx-vlm tries the Hub
             raise FileNotFoundError(f"no config.json in model directory {path!r}")
         if self.model_id == "model":
