@@ -65,22 +65,21 @@ def _flatten(messages: list[t.ChatMessage]) -> tuple[list[dict[str, Any]], list[
         if m.content is None or isinstance(m.content, str):
             out.append({"role": role, "content": m.content or ""})
             continue
-        texts: list[str] = []
-        n_images = 0
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(m.content):
             if part.type == "text":
-                texts.append(part.text or "")
+                parts.append({"type": "text", "text": part.text or ""})
             elif part.type == "image_url" and part.image_url is not None:
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                 images.append(url)
-                n_images += 1
+                parts.append({"type": "image"})  # the bytes travel in Generate.images, in order
             else:
                 raise bad_request(f"messages[{i}].content[{j}]: unsupported content part type "
                                   f"{part.type!r}", f"messages[{i}].content[{j}].type")
-        d: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
-        if n_images:
-            d["images"] = n_images
-        out.append(d)
+        if any(p_["type"] == "image" for p_ in parts):
+            out.append({"role": role, "content": parts})
+        else:  # text-only: one string, which every chat template understands
+            out.append({"role": role, "content": "\n".join(p_["text"] for p_ in parts)})
     if not out:
         raise bad_request("messages must not be empty", "messages")
     return out, images

@@ -146,6 +146,8 @@ class MLXThread(threading.Thread):
                 # fail before the engine's imports: seconds sooner for a wrong path
                 raise FileNotFoundError(f"model path {msg.path!r} does not exist")
             self.engine = make_engine(msg.kind, context_length=msg.context_length)
+            if hasattr(self.engine, "model_id"):
+                self.engine.model_id = msg.model_id  # for error messages that name the model
             info = self.engine.load(msg.path)
         except BaseException as e:  # noqa: BLE001 - anything at all is a load failure
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
