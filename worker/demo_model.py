@@ -95,14 +95,17 @@ def _silenced(tok: Any) -> list[int]:
     return out
 
 
-def _weights(vocab: int, silenced: list[int], seed: int) -> dict:
+def _weights(vocab: int, silenced: list[int], seed: int, dims: dict[str, int] | None = None) -> dict:
     """Seeded random weights for every parameter of mlx-lm's llama with our config."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    model = llama.Model(llama.ModelArgs.from_dict(_config(vocab, 0)))
+    cfg = _config(vocab, 0, dims)
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    # Rows past the tokenizer's vocabulary (``vocab_size`` padding) are never picked either.
+    silenced = silenced + list(range(vocab, int(cfg["vocab_size"])))
     rng = np.random.default_rng(seed)
     out = {}
     params: Any = tree_flatten(model.parameters())
@@ -119,16 +122,17 @@ def _weights(vocab: int, silenced: list[int], seed: int) -> dict:
     return out
 
 
-def _config(vocab: int, eos_id: int) -> dict:
+def _config(vocab: int, eos_id: int, dims: dict[str, int] | None = None) -> dict:
+    d = dims or {}
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "intermediate_size": INTERMEDIATE,
-        "vocab_size": vocab,
+        "hidden_size": d.get("hidden_size", HIDDEN),
+        "num_hidden_layers": d.get("num_layers", LAYERS),
+        "num_attention_heads": d.get("num_heads", HEADS),
+        "num_key_value_heads": d.get("num_kv_heads", KV_HEADS),
+        "intermediate_size": d.get("intermediate_size", INTERMEDIATE),
+        "vocab_size": max(vocab, d.get("vocab_size", 0)),
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": CONTEXT,
@@ -142,11 +146,18 @@ def _is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in FILES)
 
 
-def build(dir: str | Path, seed: int = 0) -> Path:
+def build(dir: str | Path, seed: int = 0, *, hidden_size: int | None = None,
+          num_layers: int | None = None, num_heads: int | None = None,
+          num_kv_heads: int | None = None, intermediate_size: int | None = None,
+          vocab_size: int | None = None) -> Path:
     """Write the demo model into ``dir`` (created if needed) and return it.
 
     Skips the work when a complete model is already there, so concurrent test sessions can share
     a directory; a partial build never becomes visible under ``dir``.
+
+    The keyword arguments make a bigger model of the same kind (benchmarks): ``vocab_size``
+    pads the output head and embeddings past the tokenizer's ~768 tokens (padded rows are never
+    picked). Left out, each keeps the tiny default, and the files are byte-identical to before.
     """
     import mlx.core as mx
 
@@ -173,8 +184,13 @@ def build(dir: str | Path, seed: int = 0) -> Path:
         _write_json(tmp / "tokenizer_config.json", tok_cfg)
         _write_json(tmp / "special_tokens_map.json",
                     {"eos_token": EOS, "pad_token": "<|endoftext|>"})
-        _write_json(tmp / "config.json", _config(vocab, eos_id))
-        mx.save_safetensors(str(tmp / "model.safetensors"), _weights(vocab, _silenced(tok), seed),
+        dims = {k: v for k, v in (("hidden_size", hidden_size), ("num_layers", num_layers),
+                                   ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                                   ("intermediate_size", intermediate_size),
+                                   ("vocab_size", vocab_size)) if v is not None}
+        _write_json(tmp / "config.json", _config(vocab, eos_id, dims))
+        mx.save_safetensors(str(tmp / "model.safetensors"),
+                            _weights(vocab, _silenced(tok), seed, dims),
                             metadata={"format": "mlx"})
         if _is_complete(target):  # someone else finished first
             return target
