@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import msgspec
+
 from mlx_supervisor.gateway.errors import APIError, bad_request
 
 MAX_STOP = 16

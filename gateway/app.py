@@ -11,14 +11,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlx_supervisor.gateway import routes_admin, routes_openai
-from mlx_supervisor.gateway.context import Gateway, error_response, json_response, request_id_var
-from mlx_supervisor.gateway.errors import APIError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_supervisor.gateway import routes_admin, routes_openai
+from mlx_supervisor.gateway.context import Gateway, error_response, json_response, request_id_var
+from mlx_supervisor.gateway.errors import APIError
 
 log = logging.getLogger("mlx_supervisor.access")
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -9,14 +9,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
 from mlx_supervisor.gateway.catalog import Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.generation import Observer, Outcome
 from mlx_supervisor.gateway.supervisor import Supervisor
 from mlx_supervisor.shared.config import Config
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 log = logging.getLogger("mlx_supervisor.gateway")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
+from starlette.requests import Request
+
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor import Supervisor
 from mlx_supervisor.gateway.transport import RequestStream
 from mlx_supervisor.gateway.workers import Lease
 from mlx_supervisor.shared import protocol as p
-from starlette.requests import Request
 
 T = TypeVar("T")
 

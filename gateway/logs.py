@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from mlx_supervisor.shared.config import Config
 
 

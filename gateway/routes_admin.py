@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import msgspec
-from mlx_supervisor.gateway.context import Gateway, json_response, read_body
-from mlx_supervisor.gateway.errors import APIError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from mlx_supervisor.gateway.context import Gateway, json_response, read_body
+from mlx_supervisor.gateway.errors import APIError
 
 
 class LoadBody(msgspec.Struct):

@@ -7,14 +7,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
 from mlx_supervisor.gateway import api_types as t
 from mlx_supervisor.gateway.context import Gateway, error_response, json_response, read_body
 from mlx_supervisor.gateway.errors import APIError, bad_request
 from mlx_supervisor.gateway.generation import SSE_DONE, Outcome, Run, sse, until_disconnect
 from mlx_supervisor.shared import protocol as p
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 DEFAULT_MAX_TOKENS = 1024
 FINGERPRINT = "mlx-supervisor-0.1"

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import uvicorn
+
 from mlx_supervisor.gateway import catalog, pidfile
 from mlx_supervisor.gateway.app import create_app
 from mlx_supervisor.gateway.context import Gateway

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import zmq
 import zmq.asyncio
+
 from mlx_supervisor.shared import protocol as p
 
 log = logging.getLogger("mlx_supervisor.transport")

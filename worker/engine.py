@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
+
 from mlx_supervisor.shared.protocol import Embed, FromWorker, Generate, Memory
 
 Emit = Callable[[FromWorker], None]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import zmq
+
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
     Cancel,
