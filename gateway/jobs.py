@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from mlx_supervisor.gateway.context import Gateway, json_response
 from mlx_supervisor.gateway.errors import APIError, bad_request
 from mlx_supervisor.gateway.generation import Outcome
 from mlx_supervisor.gateway.ledger import STATUSES, Ledger, LedgerError, Query, job_of, row_of
 from mlx_supervisor.shared import paths
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 log = logging.getLogger("mlx_supervisor.jobs")
 MAX_LIMIT = 1000
@@ -68,6 +69,8 @@ class Jobs:
         if self.ledger is not None:
             try:
                 found = await self.ledger.get(request_id)
+                if found is None and request_id in self.live:
+                    found = await self.ledger.get(request_id)  # it arrived during the read
                 if found is not None or request_id not in self.live:
                     return found
             except LedgerError:

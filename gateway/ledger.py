@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from mlx_supervisor.gateway.generation import Outcome
 
 log = logging.getLogger("mlx_supervisor.ledger")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mlx_supervisor.gateway.generation import Outcome
 from mlx_supervisor.gateway.ledger import Ledger, LedgerError, Query
 from mlx_supervisor.shared import protocol as p
