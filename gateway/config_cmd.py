@@ -46,6 +46,7 @@ def check(args: argparse.Namespace) -> int:
         return 1
     assert cfg is not None
     import psutil
+
     from mlx_supervisor.gateway import catalog
 
     _, _, warnings = catalog.build(cfg, psutil.virtual_memory().total)
@@ -81,20 +82,3 @@ def show_paths(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<9} {v}")
     return 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: str) -> None:
-    c = sub.add_parser("config", help="check or create the config file", epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    ck = csub.add_parser("check", help="validate FILE (default: the config in use); exit 1 on problems",
-                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ck.add_argument("file", nargs="?")
-    ck.set_defaults(func=check)
-    it = csub.add_parser("init", help="write the documented example config to FILE (default: the config path)",
-                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    it.add_argument("file", nargs="?")
-    it.add_argument("--force", action="store_true", help="overwrite an existing file")
-    it.set_defaults(func=init)
-    pp = csub.add_parser("paths", help="where the config, pidfile, logs and data live")
-    pp.set_defaults(func=show_paths)

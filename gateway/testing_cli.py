@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from mlx_supervisor.gateway.testing import free_port, write_config
 
 FAST = {"host": "127.0.0.1", "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0, "stop_grace": 3.0,

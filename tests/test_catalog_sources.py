@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from mlx_supervisor.gateway import catalog
 from mlx_supervisor.gateway.testing import ServerProcess
 from mlx_supervisor.gateway.testing_cli import fake

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from mlx_supervisor.gateway import config_cmd, logtail
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.testing_cli import CLIHome, fake

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from mlx_supervisor.gateway.testing import ServerProcess
 from mlx_supervisor.gateway.testing_cli import CLIHome, fake
 
@@ -133,11 +135,25 @@ def test_sighup_applies_catalog_and_budget_without_restarting_hot_workers(home: 
     assert home.wait_gone(5) == []
 
 
-def test_start_that_fails_prints_the_log_tail_and_leaves_nothing(home: CLIHome) -> None:
+def test_a_bad_config_is_refused_before_anything_starts_or_stops(home: CLIHome) -> None:
+    pid = start(home)
+    good = home.config.read_text()
     home.write({"real": {"path": str(home.root / "missing-model"), "kind": "lm"}})
-    r = home.cli("start", "--timeout", "30")
+    for cmd in ("restart", "start"):
+        r = home.cli(cmd)
+        assert r.returncode == 2 and "$.models.real.path: not a directory" in r.stderr, (cmd, r.stderr)
+    assert js(home.cli("status", "--json"))["pid"] == pid  # still the same gateway
+    home.config.write_text(good)
+    assert home.cli("stop").returncode == 0
+
+
+def test_a_start_that_fails_prints_the_log_tail_and_leaves_nothing(home: CLIHome) -> None:
+    with socket.socket() as busy:  # someone else holds our port
+        busy.bind(("127.0.0.1", home.port))
+        busy.listen()
+        r = home.cli("start", "--timeout", "30")
     assert r.returncode == 1
-    assert "exited with code 2" in r.stderr and "not a directory" in r.stderr
+    assert "exited with code" in r.stderr and "address already in use" in r.stderr.lower(), r.stderr
     assert not home.pidfile.exists() and home.wait_gone(5) == []
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from mlx_supervisor.gateway import service
 from mlx_supervisor.gateway.testing_cli import CLIHome, fake
 
