@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
 from mlx_supervisor.gateway import pidfile
 from mlx_supervisor.gateway.client import Target
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import Config
 

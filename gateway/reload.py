@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 import psutil
+
 from mlx_supervisor.gateway import catalog
 from mlx_supervisor.gateway.context import Gateway
 from mlx_supervisor.shared.config import Config, ConfigError, semantic_problems
