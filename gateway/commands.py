@@ -30,10 +30,10 @@ def _err(msg: str) -> None:
 
 
 def run(name: str, args: argparse.Namespace, strict: bool) -> int:
-    """Load the config once, run handler ``cmd_<name>``, and turn the errors every command
+    """Load the config once, run the handler for ``name``, and turn the errors every command
     shares into their exit codes. Only ``strict`` commands (start, restart) refuse a broken
     config; the rest salvage what they can (they must still reach the gateway to stop it)."""
-    fn: Handler = globals()["cmd_" + name]
+    fn = HANDLERS[name]
     try:
         t = target(args, strict)
     except ConfigError as e:
@@ -252,3 +252,10 @@ def cmd_service(args: argparse.Namespace, t: Target) -> int:
         print(service.describe(plan), end="")
         return OK
     return service.execute(plan)
+
+
+HANDLERS: dict[str, Handler] = {
+    "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart, "status": cmd_status,
+    "reload": cmd_reload, "ps": cmd_ps, "models": cmd_models, "load": cmd_load, "unload": cmd_unload,
+    "logs": cmd_logs, "service": cmd_service,
+}
