@@ -15,8 +15,6 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
 
-from mlx_supervisor.gateway.context import Gateway
-from mlx_supervisor.gateway.generation import Outcome
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,6 +30,9 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from mlx_supervisor.gateway.context import Gateway
+from mlx_supervisor.gateway.generation import Outcome
 
 NS = "mlx_supervisor"
 # Seconds: from a few ms (fake/tiny models) to minutes (a long answer from a big model).

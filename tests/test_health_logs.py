@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+
 from mlx_supervisor.gateway.testing import ServerProcess
 
 KEY = "sekret"

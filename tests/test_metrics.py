@@ -13,12 +13,13 @@ from typing import Any
 import httpx
 import openai
 import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlx_supervisor.gateway.context import Gateway
 from mlx_supervisor.gateway.metrics import attach, crash_reason
 from mlx_supervisor.gateway.supervisor import Supervisor
 from mlx_supervisor.gateway.testing import ServerProcess
 from mlx_supervisor.shared.config import Config
-from prometheus_client.parser import text_string_to_metric_families
 
 MB = 10**6
 # No warm spare: it would add a process to every count and slow a 2-core machine down.
