@@ -22,6 +22,7 @@ log = logging.getLogger("mlx_supervisor.transport")
 
 ControlHandler = Callable[[str, p.FromWorker], None]
 _TERMINAL = (p.Done, p.Error, p.Embeddings)
+RECV_BURST = 256  # messages taken per turn of the event loop
 
 
 class RequestStream:
@@ -103,14 +104,22 @@ class Transport:
 
     def send(self, worker_id: str, msg: p.Base) -> bool:
         """Queue a message to a worker; False if the worker is not connected."""
+        # An asyncio socket reports a failed non-blocking send (ROUTER_MANDATORY: peer gone) on
+        # the returned future, not by raising; unread, it also logs "exception never retrieved".
         try:
-            self._sock.send_multipart([worker_id.encode(), p.encode(msg)], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as e:
+            fut = self._sock.send_multipart([worker_id.encode(), p.encode(msg)], flags=zmq.NOBLOCK)
+            e = fut.exception() if fut.done() else None
+        except zmq.ZMQError as exc:
+            e = exc
+        if e is not None:
             log.debug("send to %s failed: %s", worker_id, e)
             return False
+        return True
 
     async def _recv_loop(self) -> None:
+        # A plain (synchronous) view of the same socket, for draining without the asyncio
+        # machinery; used only from this task, so the socket still has one user at a time.
+        sync = zmq.Socket.shadow(self._sock.underlying)
         while True:
             try:
                 frames = await self._sock.recv_multipart()
@@ -119,10 +128,26 @@ class Transport:
             except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
                 log.error("transport receive failed: %s", e)
                 return
-            try:
-                self._dispatch(frames)
-            except Exception:  # never let one bad frame kill the loop
-                log.exception("error handling a worker frame")
+            self._dispatch_safely(frames)
+            # Take what else has already arrived in one bounded burst (each asyncio receive costs
+            # tens of microseconds), then yield: an awaited receive that finds a message ready
+            # never yields, so a fast worker would otherwise starve the routes writing SSE.
+            for _ in range(RECV_BURST):
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
+                    log.error("transport receive failed: %s", e)
+                    return
+                self._dispatch_safely(frames)
+            await asyncio.sleep(0)
+
+    def _dispatch_safely(self, frames: list[bytes]) -> None:
+        try:
+            self._dispatch(frames)
+        except Exception:  # never let one bad frame kill the loop
+            log.exception("error handling a worker frame")
 
     def _dispatch(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
