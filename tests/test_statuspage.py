@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,21 @@ def test_page_is_public_admin_routes_need_the_key_and_events_stream_with_backlog
                           headers={**AUTH, "Last-Event-ID": str(ready_id)}) as resp:
             resumed = read_until(sse_events(resp), "ready", "a")
         assert [e["id"] for e in resumed] == list(range(ready_id + 1, live[-1]["id"] + 1))
+
+        # A browser left open does not hold up shutdown: its stream ends when the gateway stops.
+        ended = threading.Event()
+
+        def watch() -> None:
+            with httpx.stream("GET", srv.url + "/admin/events", headers=AUTH, timeout=30) as r:
+                for _ in r.iter_lines():
+                    pass
+            ended.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert srv.stop() == 0
+        assert ended.wait(5) and time.monotonic() - t0 < 4
 
 
 # ---------------------------------------------------------------- the page in Chromium
