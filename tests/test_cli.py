@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mlx_supervisor.gateway import config_cmd, logtail
+from mlx_supervisor.gateway import config_cmd, logtail, pidfile
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.testing_cli import CLIHome, fake
 from mlx_supervisor.shared.config import (
@@ -117,6 +117,27 @@ def test_config_check_names_each_problem_by_key_path(home: CLIHome) -> None:
         assert key in r.stderr, key
     r = home.cli("config", "check", str(home.root / "absent.toml"))
     assert r.returncode == 1 and "cannot read" in r.stderr
+
+
+# ---------------------------------------------------------------- pidfile
+
+
+def test_pidfile_claims_once_and_a_reused_pid_reads_as_stale(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "gateway.pid"
+    me = pidfile.this_process("http://127.0.0.1:1", None, None)
+    # Our own live pid with another creation time: the pid was reused, the gateway is gone.
+    reused = pidfile.PidInfo(pid=me.pid, url=me.url, started=me.started - 3600)
+    assert pidfile.alive(me) and not pidfile.alive(reused)
+    pidfile.claim(path, reused)
+    pidfile.claim(path, me)  # replaces the stale one
+    assert pidfile.read(path) == me and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    other = pidfile.PidInfo(pid=1, url="http://x", started=0.0)
+    with pytest.raises(pidfile.AlreadyRunning):
+        pidfile.claim(path, pidfile.PidInfo(pid=me.pid + 10**6, url="u", started=0.0))
+    pidfile.release(path, other.pid)  # not its pidfile: kept
+    assert path.exists()
+    pidfile.release(path)
+    assert not path.exists() and list(path.parent.iterdir()) == []
 
 
 # ---------------------------------------------------------------- logs

@@ -61,6 +61,8 @@ def test_start_status_load_ps_stop_leaves_nothing(home: CLIHome) -> None:
     pid = start(home)
     r = home.cli("start")
     assert r.returncode == 1 and f"already running (pid {pid})" in r.stderr
+    r = home.cli("serve", timeout=30)  # a foreground gateway is refused by the pidfile too
+    assert r.returncode == 1 and f"already running from {home.pidfile} (pid {pid}" in r.stderr
 
     st = js(home.cli("status", "--json"))
     assert st["running"] and st["pid"] == pid and st["url"] == home.url and st["hot_models"] == []
