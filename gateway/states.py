@@ -51,6 +51,12 @@ def on_transition(fn: Listener) -> Listener:
     return fn
 
 
+def off_transition(fn: Listener) -> None:
+    """Unsubscribe (a gateway that shuts down in a process that lives on, as in tests)."""
+    if fn in _listeners:
+        _listeners.remove(fn)
+
+
 def transition(w: HasState, new: State, reason: str) -> None:
     old = w.state
     if new not in LEGAL[old]:

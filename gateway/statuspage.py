@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -144,8 +143,7 @@ def attach(gw: Gateway) -> StatusPage:
     states.on_transition(page.on_transition)
 
     async def forget_listener() -> None:
-        with contextlib.suppress(ValueError):
-            states._listeners.remove(page.on_transition)
+        states.off_transition(page.on_transition)
 
     gw.shutdown_hooks.append(forget_listener)
     gw.routes += [
