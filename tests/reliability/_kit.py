@@ -1,0 +1,152 @@
+"""Small helpers the reliability tests share: fake models, polling, /admin/ps, SSE streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from mlx_supervisor.gateway.testing import ServerProcess
+
+MB = 10**6
+T = TypeVar("T")
+
+
+def fake(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
+    """A catalog entry for the fake engine (a real worker process, no MLX)."""
+    return {"path": "/nonexistent/fake", "kind": "fake",
+            "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, step: float = 0.05, what: str = "") -> T:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s: {what or cond}")
+        time.sleep(step)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def ps(srv: ServerProcess, key: str | None = None) -> dict[str, Any]:
+    r = httpx.get(srv.url + "/admin/ps", headers=auth(key), timeout=10)
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def hot(srv: ServerProcess, key: str | None = None) -> dict[str, dict[str, Any]]:
+    """model id -> its worker row in /admin/ps (the warm spare excluded)."""
+    return {w["model"]: w for w in ps(srv, key)["workers"] if not w["spare"]}
+
+
+def model_info(srv: ServerProcess, model: str, key: str | None = None) -> dict[str, Any]:
+    r = httpx.get(f"{srv.url}/v1/models/{model}", headers=auth(key), timeout=10)
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def chat_body(model: str, content: str = "hello there", max_tokens: int = 5, **kw: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens, **kw}
+
+
+def log_has(srv: ServerProcess, text: str, since: int = 0) -> bool:
+    return text in srv.log_path.read_text(errors="replace")[since:]
+
+
+def log_size(srv: ServerProcess) -> int:
+    return len(srv.log_path.read_text(errors="replace"))
+
+
+@dataclass
+class StreamResult:
+    """What one streaming request got: its HTTP status, then (for 200) the SSE events in order."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False  # saw ``data: [DONE]``
+    body: Any = None  # the JSON error body of a refused request
+    text: str = ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        for ev in self.events:
+            for ch in ev.get("choices") or []:
+                if ch.get("finish_reason"):
+                    return str(ch["finish_reason"])
+        return None
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        for ev in self.events:
+            if "error" in ev:
+                err: dict[str, Any] = ev["error"]
+                return err
+        return None
+
+    @property
+    def complete(self) -> bool:
+        """Answered fully: a finish reason, [DONE] last, no error event."""
+        return self.status == 200 and self.done and self.finish_reason is not None and self.error is None
+
+    @property
+    def refused(self) -> bool:
+        """Refused cleanly before the stream began: 429/503 with an OpenAI error body."""
+        return self.status in (429, 503) and isinstance(self.body, dict) and "error" in self.body
+
+
+async def stream_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                         headers: dict[str, str] | None = None,
+                         on_event: Callable[[StreamResult], Any] | None = None) -> StreamResult:
+    """POST with ``stream: true`` and read the SSE stream to its end (or to an error event)."""
+    async with client.stream("POST", url, json={**body, "stream": True}, headers=headers) as r:
+        res = StreamResult(r.status_code, dict(r.headers))
+        if r.status_code != 200:
+            raw = await r.aread()
+            try:
+                res.body = json.loads(raw)
+            except ValueError:
+                res.body = raw.decode(errors="replace")
+            return res
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                res.done = True
+                continue
+            assert not res.done, f"event after [DONE]: {data}"
+            ev = json.loads(data)
+            res.events.append(ev)
+            for ch in ev.get("choices") or []:
+                res.text += (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+            if on_event is not None:
+                on_event(res)
+    return res
