@@ -18,6 +18,7 @@ import base64
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -60,13 +61,22 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 _COLS = ", ".join(COLUMNS)
 _MARKS = ", ".join("?" * len(COLUMNS))
-# The first event of a request replaces any older row with the same (client-chosen) id.
-_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLS}) VALUES ({_MARKS})"
-# Later events update it, but never move a finished row back to queued/processing.
-_UPSERT = (f"INSERT INTO jobs ({_COLS}) VALUES ({_MARKS}) ON CONFLICT(id) DO UPDATE SET "
-           + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:] if c != "request_body")
-           + " WHERE jobs.status IN ('queued', 'processing')"
-           + " OR excluded.status IN ('completed', 'failed', 'cancelled')")
+# Rows per statement: one multi-row statement per batch, because every step of executemany
+# releases and re-takes the GIL, and each re-take can stall a busy event loop by a switch interval.
+ROWS_PER_STATEMENT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(COLUMNS)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(n: int, upsert: bool) -> str:
+    """The first event of a request replaces any older row with the same (client-chosen) id;
+    later events update it, but never move a finished row back to queued/processing."""
+    values = ", ".join([f"({_MARKS})"] * n)
+    if not upsert:
+        return f"INSERT OR REPLACE INTO jobs ({_COLS}) VALUES {values}"
+    return (f"INSERT INTO jobs ({_COLS}) VALUES {values} ON CONFLICT(id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:] if c != "request_body")
+            + " WHERE jobs.status IN ('queued', 'processing')"
+            + " OR excluded.status IN ('completed', 'failed', 'cancelled')")
 
 
 class LedgerError(Exception):
@@ -172,6 +182,7 @@ class Ledger:
         self.recovered = 0
         self.dropped = 0
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake = threading.Event()  # set by reads and close: skip the rest of the batch window
         self._lock_fd = -1
         self._db = self._open()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
@@ -237,6 +248,7 @@ class Ledger:
             raise LedgerError(self.failed)
         c = _Call(fn)
         self._q.put(c)
+        self._wake.set()
         return await asyncio.wrap_future(c.future)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
@@ -272,36 +284,44 @@ class Ledger:
     def close_sync(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
             self._q.put(_STOP)
+            self._wake.set()
             self._thread.join(timeout)
 
     # ------------------------------------------------------------ the writer thread
 
     def _run(self) -> None:
+        """Block for the first item, let a batch window fill (a read cuts it short), then take
+        everything queued. Waking once per window rather than per event keeps this thread off
+        the GIL while the event loop is busy; that is most of what the ledger costs a request."""
         next_prune = time.monotonic()
         while True:
             try:
-                item = self._q.get(timeout=max(0.0, next_prune - time.monotonic()))
+                first = self._q.get(timeout=max(0.0, next_prune - time.monotonic()))
             except queue.Empty:
-                item = None
-            batch: list[tuple[str, tuple[Any, ...]]] = []
-            deadline = time.monotonic() + self.batch_seconds
-            while item is not None and item is not _STOP and not isinstance(item, _Call):
-                batch.append(item)
-                left = deadline - time.monotonic()
-                if len(batch) >= self.batch_rows or left <= 0:
-                    item = None
-                    break
-                try:
-                    item = self._q.get(timeout=left)
-                except queue.Empty:
-                    item = None
-            self._guard(self._write, batch)
-            if isinstance(item, _Call):
-                self._answer(item)
+                first = None
+            if first is not None and not isinstance(first, _Call) and first is not _STOP:
+                self._wake.wait(self.batch_seconds)
+            self._wake.clear()
+            items = [first] if first is not None else []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._q.get_nowait())
+            rows: list[tuple[str, tuple[Any, ...]]] = []
+            stop = False
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Call):
+                    self._guard(self._write, rows)  # a read sees every event queued before it
+                    rows = []
+                    self._answer(item)
+                else:
+                    rows.append(item)
+            self._guard(self._write, rows)
             if time.monotonic() >= next_prune:
                 self._guard(self._prune)
                 next_prune = time.monotonic() + self.prune_every
-            if item is _STOP:
+            if stop:
                 self._finish()
                 return
 
@@ -320,12 +340,26 @@ class Ledger:
             self._drain_calls()
 
     def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        if not batch:
-            return
-        self._db.execute("BEGIN")
+        """One transaction per ``batch_rows`` requests; a request's events in one batch become one
+        row write (the first event's kind, the last event's values, the queued event's body)."""
+        merged: dict[str, tuple[str, tuple[Any, ...]]] = {}
         for op, row in batch:
-            self._db.execute(_INSERT if op == "queued" else _UPSERT, row)
-        self._db.execute("COMMIT")
+            seen = merged.get(row[0])
+            if seen is not None and seen[1][3] in TERMINAL and row[3] not in TERMINAL:
+                continue  # a stale event never reopens a finished request (as in _UPSERT)
+            if seen is not None and seen[0] == "queued":
+                op, row = "queued", row if row[-1] is not None else (*row[:-1], seen[1][-1])
+            merged[row[0]] = (op, row)
+        todo = list(merged.values())
+        step = max(1, min(self.batch_rows, ROWS_PER_STATEMENT))
+        for i in range(0, len(todo), step):
+            chunk = todo[i:i + step]
+            self._db.execute("BEGIN")
+            for upsert in (False, True):
+                rows = [r for op, r in chunk if (op != "queued") == upsert]
+                if rows:
+                    self._db.execute(_insert_sql(len(rows), upsert), [v for r in rows for v in r])
+            self._db.execute("COMMIT")
 
     def _answer(self, c: _Call) -> None:
         if self.failed is not None:
