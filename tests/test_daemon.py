@@ -201,3 +201,12 @@ def test_sigterm_drains_in_flight_requests_and_removes_the_pidfile(tmp_path: Pat
         srv.stop()
         home.cleanup()
     assert srv.orphans == []
+
+
+def test_stop_kills_a_hung_gateway_after_its_timeout_and_leaves_nothing(home: CLIHome) -> None:
+    pid = start(home)
+    assert home.cli("load", "a").returncode == 0
+    os.kill(pid, signal.SIGSTOP)  # hung: ignores SIGTERM until killed
+    r = home.cli("stop", "--timeout", "2")
+    assert r.returncode == 0 and "did not stop within 2s: killed it" in r.stderr, r.stderr
+    assert not home.pidfile.exists() and home.wait_gone(5) == []
