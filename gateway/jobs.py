@@ -93,7 +93,7 @@ class Jobs:
         settled = asyncio.get_running_loop().create_future()
         self._settled.setdefault(request_id, []).append(settled)
         deadline = time.monotonic() + CANCEL_RETRY_SECONDS
-        while not await self.gw.sup.cancel(request_id, CANCEL_REASON):
+        while not await self._sup_cancel(request_id):
             if settled.done() or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
@@ -107,6 +107,13 @@ class Jobs:
                            code="job_finished")
         log.info("request_id=%s cancelled via the jobs API", request_id)
         return job_of(row_of("finished", done))
+
+    async def _sup_cancel(self, request_id: str) -> bool:
+        """``sup.cancel``, bounded: a supervisor that stopped (shutdown) never answers."""
+        try:
+            return await asyncio.wait_for(self.gw.sup.cancel(request_id, CANCEL_REASON), 1.0)
+        except asyncio.TimeoutError:
+            return False
 
     def queue_stats(self) -> dict[str, Any]:
         """Per model: queued, in flight, limits, oldest wait. Reads supervisor state, never writes."""
