@@ -24,7 +24,7 @@ def _spare(srv: ServerProcess, ready: bool = True) -> dict[str, Any] | None:
     return None
 
 
-def _wait(cond: Any, timeout: float = 30.0) -> Any:
+def _wait(cond: Any, timeout: float = 90.0) -> Any:  # imports take long on a loaded box
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
