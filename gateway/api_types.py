@@ -7,7 +7,7 @@ which parameter is wrong and what would be right.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -15,6 +15,9 @@ from mlx_supervisor.gateway.errors import APIError, bad_request
 
 MAX_STOP = 16
 MAX_TOKENS_CAP = 1 << 20
+# Integers bound for the worker travel as msgpack, which stops at 64 bits: bound them here so an
+# absurd value is a 400 naming its field, not an OverflowError (500) at encode time.
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
 
 
 class ImageURL(msgspec.Struct):
@@ -65,7 +68,7 @@ class ChatRequest(Sampling, kw_only=True):
 
 
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[str | int | list[int]]
+    prompt: str | list[str | TokenId | list[TokenId]]
     """A string, token ids, or a list holding one of those (msgspec takes one array type per union)."""
     logprobs: int | None = None
     echo: bool = False
@@ -74,9 +77,9 @@ class CompletionRequest(Sampling, kw_only=True):
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str | int | list[int]]
+    input: str | list[str | TokenId | list[TokenId]]
     encoding_format: str = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, msgspec.Meta(lt=2**32)] | None = None
     user: str | None = None
 
 
@@ -135,8 +138,8 @@ def validate_sampling(r: Sampling, max_tokens: int | None) -> None:
     _range(r.frequency_penalty, "frequency_penalty", -2.0, 2.0)
     _range(r.presence_penalty, "presence_penalty", -2.0, 2.0)
     _range(r.repetition_penalty, "repetition_penalty", 0.0, 10.0, lo_open=True)
-    if r.top_k is not None and r.top_k < 0:
-        raise bad_request(f"top_k must be >= 0, got {r.top_k}", "top_k")
+    if r.top_k is not None and not 0 <= r.top_k < 2**32:
+        raise bad_request(f"top_k must be >= 0 (and < 2**32), got {r.top_k}", "top_k")
     if r.seed is not None and not -(2**63) <= r.seed < 2**64:
         raise bad_request("seed is out of range", "seed")
     stop_list(r.stop)
@@ -151,7 +154,7 @@ def logit_bias(r: Sampling) -> dict[int, float] | None:
             tid = int(k)
         except ValueError:
             raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
-        if tid < 0 or not -100 <= v <= 100:
+        if not 0 <= tid < 2**32 or not -100 <= v <= 100:
             raise bad_request(f"logit_bias[{k}] must be a token id >= 0 with a bias in [-100, 100]",
                               "logit_bias")
         out[tid] = v
