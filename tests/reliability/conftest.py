@@ -17,58 +17,7 @@ import pytest
 
 from mlx_supervisor.gateway.testing import ServerProcess
 
-from ._kit import fake, wait_for
-
-PROBE = "mlxsup-probe"  # any file-system event naming this (or passwd, ~root) is recorded
-TINY_CONTEXT = 128
-
-AUDIT_HOOK = '''
-import os, sys
-_log = os.environ.get("AUDIT_PROBE_LOG")
-_marks = tuple(m for m in os.environ.get("AUDIT_PROBE_MARKS", "").split("|") if m)
-_busy = [False]
-_SKIP = ("object.", "code.", "exec", "compile", "import", "marshal", "sys.", "builtins.",
-         "ctypes.", "socket.", "time.", "cpython.")
-
-def _text(a):
-    if isinstance(a, (str, bytes, os.PathLike)):
-        try:
-            return os.fsdecode(a)
-        except Exception:
-            return None
-    if isinstance(a, (list, tuple)):
-        return " ".join(t for t in map(_text, a) if t)
-    return None
-
-def _hook(event, args):
-    if _busy[0] or event.startswith(_SKIP):
-        return
-    for a in args:
-        t = _text(a)
-        if t and (t == "/etc" or any(m in t for m in _marks)):
-            _busy[0] = True
-            try:
-                fd = os.open(_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                os.write(fd, f"{os.getpid()} {event} {t!r}\\n".encode())
-                os.close(fd)
-            finally:
-                _busy[0] = False
-            return
-
-def _wrap(name):
-    real = getattr(os, name)
-
-    def probe(path, *a, **kw):
-        _hook("os." + name, (path,))
-        return real(path, *a, **kw)
-
-    setattr(os, name, probe)
-
-if _log and _marks:
-    sys.addaudithook(_hook)
-    for _name in ("stat", "lstat", "access", "readlink"):  # no audit events of their own
-        _wrap(_name)
-'''
+from ._kit import AUDIT_HOOK, PROBE, TINY_CONTEXT, fake, wait_for
 
 
 @pytest.fixture(scope="package")
