@@ -141,6 +141,7 @@ def test_200_concurrent_streams_against_a_fast_fake_worker() -> None:
         grown = _rss(srv) - rss0
         assert grown < 50 * 2**20, f"gateway RSS grew by {grown / 2**20:.1f} MiB"
         assert time.monotonic() - t0 < 60
+        assert "Traceback" not in srv.log(), srv.log()[-3000:]
     assert srv.orphans == []
 
 
