@@ -1,0 +1,364 @@
+"""Shared pieces of the benchmarks: models, servers, a lean SSE load generator, statistics.
+
+The load generator speaks raw HTTP/1.1 over asyncio streams (``Connection: close``, read to EOF)
+and only counts ``data: `` lines while a stream runs; the one JSON it decodes per request is the
+usage event at the end. That keeps the client far cheaper than the servers it measures, which
+matters on a 2-core machine where client, gateway and worker share the CPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from mlx_supervisor.gateway.testing import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# A prompt the demo models never stop on (their EOS row is zero, so greedy never picks it).
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time there was a little robot"
+
+# --model-size large: a llama of a realistic shape, quantized to 4 bits (GPU runs).
+LARGE = dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,
+             intermediate_size=5632, vocab_size=32000)
+
+
+@dataclass
+class Settings:
+    """What one run of ``python -m bench`` was asked for."""
+
+    quick: bool
+    out: Path
+    model_size: str  # "tiny" | "large"
+    models_dir: Path
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        return quick if self.quick else full
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_dir(s: Settings, seed: int = 0) -> Path:
+    """Build (once; cached under ``models_dir``) the bench model for ``seed``; return its path."""
+    d = s.models_dir / f"{s.model_size}-{seed}"
+    if (d / ".bench-complete").exists():
+        return d
+    cmd = [PY, "-m", "bench.inproc", "build", str(d), "--seed", str(seed), "--size", s.model_size]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return d
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+# ---------------------------------------------------------------- processes
+
+
+def inproc(*args: str, timeout: float = 600) -> dict[str, Any]:
+    """Run ``python -m bench.inproc ARGS`` (a fresh process) and return the JSON it prints last."""
+    r = subprocess.run([PY, "-m", "bench.inproc", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.inproc {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def gateway(models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
+            env: dict[str, str] | None = None) -> ServerProcess:
+    base: dict[str, Any] = {"log_level": "WARNING", "heartbeat_interval": 1.0,
+                            "heartbeat_timeout": 10.0, "ledger": {"enabled": False}}
+    base.update(settings or {})
+    return ServerProcess(models=models, settings=base, env=env)
+
+
+class MLXLMServer:
+    """``python -m mlx_lm.server --model DIR`` on a free loopback port; ``start()`` returns once
+    its model is loaded (``/health`` answers and one 1-token request went through)."""
+
+    def __init__(self, model: Path, extra: list[str] | None = None):
+        self.model = model
+        self.port = free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> MLXLMServer:
+        self.proc = subprocess.Popen(
+            [PY, "-m", "mlx_lm.server", "--model", str(self.model), "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "WARNING", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"mlx_lm.server exited with {self.proc.returncode}:\n{err[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("mlx_lm.server did not come up")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def __enter__(self) -> MLXLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def started(srv: ServerProcess) -> Iterator[ServerProcess]:
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(srv.workdir, ignore_errors=True)
+
+
+def wait_spare(url: str, timeout: float = 120) -> float:
+    """Wait until the gateway's warm spare has finished its imports; return the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            ps = httpx.get(url + "/admin/ps", timeout=2).json()
+            for w in ps.get("workers", []):
+                if w.get("spare") and w.get("state") == "loading":
+                    return time.monotonic() - t0
+        time.sleep(0.05)
+    raise RuntimeError("the warm spare did not become ready")
+
+
+def wait_unloaded(url: str, model: str, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ps = httpx.get(url + "/admin/ps", timeout=2).json()
+        if not any(w.get("model") == model for w in ps.get("workers", [])):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{model} did not unload")
+
+
+class CPUMeter:
+    """CPU seconds used by given processes (and their children) between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.before: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(pid: int, children: bool = True) -> float:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *(p.children(recursive=True) if children else [])]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for q in procs:
+            with contextlib.suppress(psutil.Error):
+                t = q.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def start(self) -> None:
+        self.before = {k: self._cpu(pid, k != "client") for k, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {k: round(self._cpu(pid, k != "client") - self.before[k], 3)
+                for k, pid in self.pids.items()}
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+@dataclass
+class StreamResult:
+    status: int = 0
+    t_sent: float = 0.0
+    t_first: float = 0.0  # first SSE event
+    t_end: float = 0.0  # last byte
+    events: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+    body: bytes = field(default=b"", repr=False)
+
+    @property
+    def ttft(self) -> float:
+        return self.t_first - self.t_sent
+
+    def decode_tps(self) -> float:
+        span = self.t_end - self.t_first
+        return (self.completion_tokens - 1) / span if span > 0 and self.completion_tokens > 1 else 0.0
+
+
+def _usage_tokens(body: bytes) -> int:
+    for chunk in reversed(body.split(b"data: ")[-4:]):
+        if b'"usage"' in chunk:
+            with contextlib.suppress(ValueError):
+                usage = json.loads(chunk.split(b"\n\n", 1)[0]).get("usage") or {}
+                return int(usage.get("completion_tokens") or 0)
+    return 0
+
+
+async def request(port: int, path: str, body: dict[str, Any], keep_body: bool = False) -> StreamResult:
+    """One POST; for ``stream: true`` counts SSE events as they arrive. Reads to EOF."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    res = StreamResult()
+    res.t_sent = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        writer.write(head + payload)
+        parts: list[bytes] = []
+        tail = b""
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            now = time.perf_counter()
+            window = tail + data
+            n = window.count(b"data: ")
+            if n:
+                if not res.events:
+                    res.t_first = now
+                res.events += n
+            tail = data[-5:]
+            res.t_end = now
+            parts.append(data)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    raw = b"".join(parts)
+    head_end = raw.find(b"\r\n\r\n")
+    with contextlib.suppress(ValueError, IndexError):
+        res.status = int(raw[9:12])
+    payload_out = raw[head_end + 4:]
+    if res.status != 200:
+        res.error = payload_out[:500].decode(errors="replace")
+    if body.get("stream"):
+        res.completion_tokens = _usage_tokens(payload_out)
+    else:
+        res.t_first = res.t_first or res.t_end
+        with contextlib.suppress(ValueError):
+            text = payload_out
+            if b"transfer-encoding: chunked" in raw[:head_end].lower():
+                text = _dechunk(payload_out)
+            res.completion_tokens = int((json.loads(text).get("usage") or {}).get("completion_tokens") or 0)
+    if keep_body:
+        res.body = payload_out
+    return res
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = [], 0
+    while i < len(data):
+        j = data.find(b"\r\n", i)
+        if j < 0:
+            break
+        n = int(data[i:j].split(b";")[0], 16)
+        if n == 0:
+            break
+        out.append(data[j + 2:j + 2 + n])
+        i = j + 2 + n + 2
+    return b"".join(out)
+
+
+def completion_body(model: str, max_tokens: int, prompt: str = PROMPT, stream: bool = True) -> dict[str, Any]:
+    b: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                         "temperature": 0.0, "stream": stream}
+    if stream:
+        b["stream_options"] = {"include_usage": True}
+    return b
+
+
+async def concurrent(port: int, bodies: list[list[dict[str, Any]]], path: str = "/v1/completions"
+                     ) -> tuple[float, list[StreamResult]]:
+    """One task per list in ``bodies``, each sending its requests one after another; returns the
+    wall time from the first send to the last byte, and every result."""
+
+    async def lane(items: list[dict[str, Any]]) -> list[StreamResult]:
+        return [await request(port, path, b) for b in items]
+
+    t0 = time.perf_counter()
+    lanes = await asyncio.gather(*(lane(b) for b in bodies))
+    wall = time.perf_counter() - t0
+    results = [r for lane_results in lanes for r in lane_results]
+    bad = [r for r in results if r.status != 200 or (r.completion_tokens <= 0)]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(results)} requests failed; first: "
+                           f"status={bad[0].status} {bad[0].error!r}")
+    return wall, results
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else 0.0
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "Architecture"):
+                info["lscpu_" + k.strip().lower().replace(" ", "_").replace("(s)", "s")] = v.strip()
+    with contextlib.suppress(Exception):
+        info.update(inproc("info"))
+    return info

@@ -1,0 +1,157 @@
+"""In-process baselines, each run in a fresh process by the bench runner (which never imports mlx).
+
+``python -m bench.inproc info`` | ``build DIR --seed N --size tiny|large`` |
+``decode DIR --max-tokens N --reps R`` | ``cold DIR`` | ``fake --n N``. Each prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _info() -> dict[str, Any]:
+    import mlx.core as mx
+    import mlx_lm
+
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+
+
+def _build(d: Path, seed: int, size: str) -> dict[str, Any]:
+    from bench.common import LARGE
+    from mlx_supervisor.worker import demo_model
+
+    marker = d / ".bench-complete"
+    if marker.exists():
+        return {"path": str(d), "built": False}
+    if d.exists():
+        shutil.rmtree(d)
+    t0 = time.monotonic()
+    if size == "tiny":
+        demo_model.build(d, seed=seed)
+    else:
+        demo_model.build(d, seed=seed, **LARGE)
+        _quantize(d, bits=4)
+    marker.write_text("ok\n")
+    return {"path": str(d), "built": True, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def _quantize(d: Path, bits: int, group_size: int = 64) -> None:
+    """Quantize a built model in place with ``mlx.nn.quantize`` (as ``mlx_lm.convert -q`` does)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    loaded: Any = mlx_lm.load(str(d))
+    model = loaded[0]
+    nn.quantize(model, group_size=group_size, bits=bits)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "mlx"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization"] = {"group_size": group_size, "bits": bits}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _decode(d: Path, max_tokens: int, reps: int, prompt: str) -> dict[str, Any]:
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    loaded: Any = mlx_lm.load(str(d))
+    model, tok = loaded[0], loaded[1]
+    greedy = make_sampler(temp=0.0)
+    rates, ttfts, tokens = [], [], 0
+    for i in range(reps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        t_first = t_last = 0.0
+        n = 0
+        for _ in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=greedy):
+            t_last = time.perf_counter()
+            if n == 0:
+                t_first = t_last
+            n += 1
+        if i:
+            rates.append((n - 1) / (t_last - t_first))
+            ttfts.append(t_first - t0)
+            tokens = n
+    rates.sort()
+    return {"decode_tps": rates[len(rates) // 2], "decode_tps_all": [round(r, 1) for r in rates],
+            "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tokens": tokens}
+
+
+def _cold(d: Path, prompt: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    t1 = time.perf_counter()
+    loaded: Any = mlx_lm.load(str(d))
+    t2 = time.perf_counter()
+    for _ in mlx_lm.stream_generate(loaded[0], loaded[1], prompt, max_tokens=1,
+                                    sampler=make_sampler(temp=0.0)):
+        break
+    t3 = time.perf_counter()
+    return {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2,
+            "load_first_token_s": t3 - t1}
+
+
+def _fake(n: int) -> dict[str, Any]:
+    """The fake worker's own time for one max_tokens=1 request: submit, one step, Done."""
+    from mlx_supervisor.shared.protocol import Generate, encode
+    from mlx_supervisor.worker.engine_fake import FakeEngine
+
+    eng = FakeEngine()
+    eng.load("")
+    times = []
+    out: list[bytes] = []
+    for i in range(n):
+        msg = Generate(id=f"r{i}", prompt="hello world", max_tokens=1, temperature=0.0)
+        t0 = time.perf_counter()
+        eng.submit(msg, lambda m: out.append(encode(m)))
+        while eng.has_work():
+            eng.step(lambda m: out.append(encode(m)))
+        times.append(time.perf_counter() - t0)
+        out.clear()
+    times.sort()
+    return {"p50_us": times[len(times) // 2] * 1e6, "p99_us": times[int(len(times) * 0.99)] * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import PROMPT
+
+    ap = argparse.ArgumentParser(prog="python -m bench.inproc")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info")
+    b = sub.add_parser("build")
+    b.add_argument("dir")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--size", choices=["tiny", "large"], default="tiny")
+    de = sub.add_parser("decode")
+    de.add_argument("dir")
+    de.add_argument("--max-tokens", type=int, default=256)
+    de.add_argument("--reps", type=int, default=3)
+    c = sub.add_parser("cold")
+    c.add_argument("dir")
+    f = sub.add_parser("fake")
+    f.add_argument("--n", type=int, default=2000)
+    a = ap.parse_args(argv)
+    if a.cmd == "info":
+        res = _info()
+    elif a.cmd == "build":
+        res = _build(Path(a.dir), a.seed, a.size)
+    elif a.cmd == "decode":
+        res = _decode(Path(a.dir), a.max_tokens, a.reps, PROMPT)
+    elif a.cmd == "cold":
+        res = _cold(Path(a.dir), PROMPT)
+    else:
+        res = _fake(a.n)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
