@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_supervisor.shared.config import Config, ModelConfig
+from mlx_supervisor.shared.hosts import local_ranks
 from mlx_supervisor.shared.sizes import estimate_footprint, parse_size, read_model_config
 
 log = logging.getLogger("mlx_supervisor.catalog")
@@ -99,7 +100,9 @@ def build(cfg: Config, total_memory: int) -> tuple[dict[str, Entry], dict[str, s
         elif kind == "fake":
             estimate = int(m.env.get("FAKE_MEMORY_BYTES", 100 * 2**20))
         else:
-            estimate = estimate_footprint(path, cfg.headroom, ranks) + WORKER_BASELINE * ranks
+            # Each rank holds 1/ranks of the weights; only this machine's ranks count here.
+            estimate = (estimate_footprint(path, cfg.headroom, ranks) + WORKER_BASELINE) \
+                * local_ranks(m.hosts)
         ctx = m.context_length or int(read_model_config(path).get("max_position_embeddings", 0) or 0)
         entries[name] = Entry(
             id=name, path=path, kind=kind, pinned=m.pinned,

@@ -49,6 +49,8 @@ class ModelConfig(Strict):
     hosts: list[str] = []
     backend: Literal["ring", "jaccl", "mpi"] = "ring"
     parallel: Literal["tensor", "pipeline"] = "tensor"
+    formation_timeout: float = 30.0
+    """Seconds a sharded group gets to connect all its ranks before the load fails."""
 
 
 class LedgerConfig(Strict):
@@ -193,8 +195,49 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
                     out.append((f"{at}.memory", f"{m.memory} is larger than the whole memory budget"))
             except ValueError as e:
                 out.append((f"{at}.memory", str(e)))
+        out += _sharding_problems(at, m)
         for alias in [name, *m.aliases]:
             if alias in names and names[alias] != name:
                 out.append((f"{at}.aliases", f"{alias!r} is already used by model {names[alias]!r}"))
             names[alias] = name
+    return out
+
+
+def _sharding_problems(at: str, m: ModelConfig) -> list[tuple[str, str]]:
+    """A sharded model (``hosts``) that cannot work: caught here, not at its first request."""
+    from mlx_supervisor.shared.hosts import is_ip, is_local_host
+    from mlx_supervisor.shared.sizes import read_model_config
+
+    if not m.hosts:
+        return []
+    out: list[tuple[str, str]] = []
+    n = len(m.hosts)
+    if n < 2:
+        out.append((f"{at}.hosts", "a sharded model needs at least 2 hosts (one per rank); "
+                    "leave `hosts` out for an ordinary worker"))
+    if m.kind not in (None, "lm"):
+        out.append((f"{at}.kind", f"only text models (lm) can be sharded, not {m.kind!r}"))
+    if not is_local_host(m.hosts[0]):
+        out.append((f"{at}.hosts", f"hosts[0] ({m.hosts[0]}) must be this machine: rank 0 "
+                    "talks to the gateway"))
+    if m.backend == "ring":
+        bad = [h for h in m.hosts if not is_ip(h)]
+        if bad:
+            out.append((f"{at}.hosts", f"the ring backend needs IP addresses, got {bad}"))
+    if m.formation_timeout <= 0:
+        out.append((f"{at}.formation_timeout", "must be positive"))
+    cfg = read_model_config(m.path) if m.path else {}
+    cfg = {**cfg, **(cfg.get("text_config") or {})}
+    if n >= 2 and m.parallel == "tensor" and cfg:
+        heads = int(cfg.get("num_attention_heads") or 0)
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        for key, val in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+            if val and val % n:
+                out.append((f"{at}.hosts", f"tensor parallelism over {n} ranks needs {key} "
+                            f"divisible by {n}, but the model has {val}"))
+    if n >= 2 and m.parallel == "pipeline" and cfg:
+        layers = int(cfg.get("num_hidden_layers") or 0)
+        if layers and layers < n:
+            out.append((f"{at}.hosts", f"pipeline parallelism over {n} ranks needs at least "
+                        f"{n} layers, but the model has {layers}"))
     return out

@@ -87,6 +87,17 @@ class Memory(msgspec.Struct, omit_defaults=True):
         return max(self.active + self.cache, self.rss)
 
 
+class RankInfo(msgspec.Struct, omit_defaults=True):
+    """One rank of a sharded worker group (``mlx.distributed``): where it runs and what it holds.
+    ``bytes`` is measured for ranks on the gateway's machine (``local``) and 0 elsewhere."""
+
+    rank: int
+    host: str
+    pid: int
+    bytes: int = 0
+    local: bool = True
+
+
 class Hello(Base, tag="hello"):
     """First message after connect: the worker is alive and loading."""
 
@@ -100,6 +111,8 @@ class Ready(Base, tag="ready"):
     memory: Memory
     context_length: int = 0
     embedding_dims: int = 0
+    ranks: list[RankInfo] = []
+    """Sharded groups only: every rank; ``memory.rss`` is then the sum over the local ranks."""
 
 
 class LoadFailed(Base, tag="load_failed"):
@@ -159,6 +172,8 @@ class Heartbeat(Base, tag="heartbeat"):
     memory: Memory
     inflight: int = 0
     queued: int = 0
+    ranks: list[RankInfo] = []
+    """Sharded groups only, as in ``Ready``."""
 
 
 ToWorker = Load | Generate | Embed | Cancel | Shutdown | Ping
