@@ -31,12 +31,24 @@ _HEAVY = {
 
 log = logging.getLogger("mlx_supervisor.worker")
 
+_sharding: Any = None  # an engine_sharded.ShardSpec once main() saw --ranks N > 1
+
+
+def use_sharding(spec: Any) -> None:
+    """Rank 0 of a sharded group: text models load with ``engine_sharded.ShardedEngine``."""
+    global _sharding
+    _sharding = spec
+
 
 def make_engine(kind: str, *, context_length: int = 0) -> Engine:
     """A fresh engine of ``kind``. ``context_length`` (0: the model's own) goes to engines whose
     constructor takes it (lm, fake); the others read it from the model."""
     if kind not in _ENGINES:
         raise ValueError(f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "lm" and _sharding is not None:
+        from mlx_supervisor.worker.engine_sharded import ShardedEngine
+
+        return ShardedEngine(_sharding, context_length=context_length)
     module, cls_name = _ENGINES[kind]
     cls: Any = getattr(importlib.import_module(module), cls_name)
     if context_length and kind in ("lm", "fake"):

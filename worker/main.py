@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gateway-timeout", type=float, default=30.0)
     ap.add_argument("--context-length", type=int, default=0, help="0: the model's own")
     ap.add_argument("--log-level", default="INFO")
+    shard = ap.add_argument_group("sharded groups (mlx.distributed; started by mlx.launch)")
+    shard.add_argument("--ranks", type=int, default=1, help="ranks in the group; 1: not sharded")
+    shard.add_argument("--hosts", default="", help="comma-separated host of each rank")
+    shard.add_argument("--dist-backend", default="ring", help="mx.distributed backend")
+    shard.add_argument("--parallel", choices=("tensor", "pipeline"), default="tensor")
+    shard.add_argument("--formation-timeout", type=float, default=30.0)
     args = ap.parse_args(argv)
     if not args.spare and (args.model_id is None or args.kind is None):
         ap.error("--model-id and --kind are required unless --spare")
@@ -108,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def set_model_id(model_id: str) -> None:
         fmt.model_id = model_id
+
+    if args.ranks > 1:  # a sharded group: see engine_sharded
+        from mlx_supervisor.worker import engines, sharding
+
+        spec = sharding.ShardSpec.from_args(args)
+        if sharding.env_rank() != 0:  # followers never talk to the gateway
+            from mlx_supervisor.worker.engine_sharded import follower_main
+
+            fmt.model_id = f"{args.model_id}/rank{sharding.env_rank()}"
+            return follower_main(args.path, spec)
+        engines.use_sharding(spec)
 
     if args.spare:
         t0 = time.monotonic()
@@ -182,9 +199,11 @@ def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: M
                 rss = proc.memory_info().rss
             except psutil.Error:
                 rss = 0
-            dealer.send(encode(Heartbeat(
-                memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak, rss=rss),
-                inflight=mlx.inflight_count, queued=mlx.queued_count)))
+            dealer.send(encode(Heartbeat(  # a sharded engine's rss is its local ranks' sum
+                memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
+                              rss=max(rss, mem.rss)),
+                inflight=mlx.inflight_count, queued=mlx.queued_count,
+                ranks=list(getattr(mlx.engine, "ranks", None) or []))))
             next_beat = now + args.heartbeat_interval
         if shutdown_deadline is not None and now > shutdown_deadline:
             log.warning("MLX thread did not finish within %.1fs of Shutdown; exiting anyway",

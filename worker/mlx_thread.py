@@ -167,9 +167,10 @@ class MLXThread(threading.Thread):
             rss = 0
         self.emit(Ready(pid=os.getpid(), kind=info.kind, load_seconds=seconds,
                         memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
-                                      rss=rss),
+                                      rss=max(rss, mem.rss)),
                         context_length=info.context_length,
-                        embedding_dims=info.embedding_dims))
+                        embedding_dims=info.embedding_dims,
+                        ranks=list(getattr(self.engine, "ranks", None) or [])))
         return True
 
     def _serve(self) -> None:
