@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mlx_supervisor.gateway import process
+import msgspec
+
+from mlx_supervisor.gateway import group, process
 from mlx_supervisor.gateway.catalog import WORKER_BASELINE, Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.eviction import Holder, plan_admission
@@ -395,7 +397,11 @@ class Supervisor:
                                        context_length=e.context_length, **common)
             env = process.worker_env(e.env, self.cfg.allow_download)
         try:
-            wp = await process.spawn(argv, env, e.id if e else SPARE)
+            if e is not None and e.ranks > 1:  # a sharded model: its mlx.launch group
+                wp: process.WorkerProcess = await group.spawn_group(e, argv, env,
+                                                                    self.transport.endpoint)
+            else:
+                wp = await process.spawn(argv, env, e.id if e else SPARE)
         except Exception as exc:  # e.g. interpreter missing, fork failure
             self.events.put_nowait(Spawned(worker, None, f"could not start worker: {exc}"))
             return
@@ -436,6 +442,7 @@ class Supervisor:
         w.last_heartbeat = time.monotonic()
         if isinstance(msg, p.Heartbeat):
             w.memory = msg.memory
+            w.ranks = msg.ranks or w.ranks
             w.worker_inflight = msg.inflight + msg.queued
         elif isinstance(msg, p.Hello):
             w.pid = w.pid or msg.pid
@@ -453,6 +460,7 @@ class Supervisor:
         if w.state not in (State.STARTING, State.LOADING):
             return
         w.memory = msg.memory
+        w.ranks = msg.ranks
         w.kind = msg.kind or w.kind
         w.context_length = msg.context_length or w.context_length
         w.load_seconds = msg.load_seconds
@@ -768,6 +776,7 @@ class Supervisor:
                 "ttl_remaining": (max(0.0, ttl - (now - w.last_used)) if ttl > 0 and not (slot and slot.pinned)
                                   and w.inflight == 0 else None),
                 "started_at": w.started_at, "load_seconds": w.load_seconds,
+                "ranks": [msgspec.structs.asdict(r) for r in w.ranks],
             })
         return {
             "pid": os.getpid(), "uptime": time.time() - self.started, "budget_bytes": self.budget,

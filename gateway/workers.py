@@ -41,6 +41,7 @@ class Worker:
     spare: bool = False
     reserved: bool = False
     recycle: bool = False  # grew past its share while the ledger was over budget
+    ranks: list[p.RankInfo] = field(default_factory=list)  # a sharded group's ranks
 
     @property
     def bytes(self) -> int:
