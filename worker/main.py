@@ -30,6 +30,7 @@ import time
 import msgspec
 import psutil
 import zmq
+
 from mlx_supervisor.shared.protocol import (
     EXIT_PARENT_GONE,
     Heartbeat,
