@@ -74,7 +74,7 @@ def fake(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
             "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, step: float = 0.05, what: str = "") -> T:
+def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, step: float = 0.05, what: str = "") -> T:
     """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

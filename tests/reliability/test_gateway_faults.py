@@ -53,8 +53,8 @@ def test_kill_9_gateway_leaves_no_orphans_and_restart_recovers(tmp_path: Path) -
         socket = run_dir / f"gw-{gw_pid}.sock"
         assert socket.exists() and (run_dir / "gateway.pid").exists()
 
-        first.proc.kill()  # type: ignore[union-attr]
-        first.proc.wait(10)  # type: ignore[union-attr]
+        first.proc.kill()
+        first.proc.wait(10)
         t0 = time.monotonic()
         wait_for(lambda: not any(alive(p) for p in pids), timeout=2.0, step=0.02,
                  what=f"workers {pids} gone within 2 s of the gateway's kill -9")

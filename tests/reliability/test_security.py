@@ -92,7 +92,7 @@ def test_api_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
         return real(a, b)
 
     monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
-    mw = app_module.GatewayMiddleware(None, SimpleNamespace(cfg=Config(api_key="k1", admin_key="a1")))  # type: ignore[arg-type]
+    mw = app_module.GatewayMiddleware(None, SimpleNamespace(cfg=Config(api_key="k1", admin_key="a1")))
     assert mw._auth("/v1/models", {b"authorization": b"Bearer k1"}) is None
     assert calls == [(b"k1", b"k1")]
     for headers in ({b"authorization": b"Bearer k2"}, {b"x-api-key": b"k"}, {b"authorization": b"Bearer \xe9"},

@@ -86,25 +86,31 @@ async def test_kill_9_mid_stream_real_tiny_model(real_srv: ServerProcess) -> Non
     event (never a silent truncation), a stream on another model is untouched, and the next
     request loads the model again."""
     srv = real_srv
-    pid = wait_for(lambda: hot(srv).get("tiny", {}).get("pid"), timeout=60)
-    killed: list[bool] = []
-
-    def kill_after_three(res: StreamResult) -> None:
-        if len(res.events) == 3 and not killed:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(True)
-
+    url = srv.url + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=60) as c:
-        url = srv.url + "/v1/chat/completions"
-        other = asyncio.create_task(stream_request(c, url, chat_body("fake", max_tokens=400)))
-        res = await asyncio.wait_for(stream_request(
-            c, url, chat_body("tiny", "Tell me a story", max_tokens=120, temperature=0),
-            on_event=kill_after_three), 60)
-        assert killed and res.status == 200
+        # The kill lands after two events; on a starved machine the worker may already have sent
+        # every token by then (the answer is then complete, which is fine): try again.
+        for _attempt in range(3):
+            pid = int(wait_for(lambda: hot(srv).get("tiny", {}).get("state") == "ready"
+                               and hot(srv)["tiny"]["pid"], timeout=90))
+            killed: list[bool] = []
+
+            def kill_after_two(res: StreamResult, pid: int = pid, killed: list[bool] = killed) -> None:
+                if len(res.events) == 2 and not killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(True)
+
+            other = asyncio.create_task(stream_request(c, url, chat_body("fake", max_tokens=400)))
+            res = await asyncio.wait_for(stream_request(
+                c, url, chat_body("tiny", "Tell me a story", max_tokens=120, temperature=0),
+                on_event=kill_after_two), 60)
+            assert killed and res.status == 200
+            assert (await asyncio.wait_for(other, 60)).complete
+            await asyncio.to_thread(wait_for, lambda pid=pid: not alive(pid), 10)
+            if not res.complete:
+                break
         assert not res.done and res.error is not None, res.events[-2:]
         assert "SIGKILL" in res.error["message"] and res.error["code"] == "worker_crashed"
-        assert (await asyncio.wait_for(other, 60)).complete
-        wait_for(lambda: not alive(pid), what="tiny reaped")
         again = await asyncio.wait_for(stream_request(c, url, chat_body("tiny", max_tokens=4)), 90)
         assert again.complete, again
     assert hot(srv)["tiny"]["pid"] != pid
@@ -134,7 +140,7 @@ def test_hung_worker_is_killed_within_heartbeat_timeout() -> None:
         assert hung.status_code == 503 and "heartbeat" in hung.json()["error"]["message"]
         assert res.status == 200 and res.events and not res.done
         assert res.error is not None and "heartbeat" in res.error["message"]
-        assert elapsed < hb_timeout + 3.0, elapsed
+        assert elapsed < hb_timeout + 4.0, elapsed
         wait_for(lambda: not alive(pid), timeout=5, what="hung worker reaped")
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("h"), timeout=30)
         assert r.status_code == 200 and hot(srv)["h"]["pid"] != pid
@@ -208,9 +214,11 @@ def test_busy_grower_is_recycled_after_its_request(grow_srv: ServerProcess) -> N
         async with httpx.AsyncClient(timeout=60) as c:
             url = srv.url + "/v1/chat/completions"
             long = asyncio.create_task(stream_request(c, url, chat_body("g", max_tokens=120)))
-            row = await asyncio.to_thread(wait_for, lambda: hot(srv).get("g", {}).get("inflight") == 1
-                                          and hot(srv)["g"], 20)
-            pid = int(row["pid"])
+            def busy_g() -> int | None:
+                row = hot(srv).get("g")
+                return int(row["pid"]) if row and row["inflight"] == 1 else None
+
+            pid = await asyncio.to_thread(wait_for, busy_g, 20)
             assert (await c.post(url, json=chat_body("g", max_tokens=1))).status_code == 200
             await asyncio.to_thread(wait_for, lambda: log_has(srv, "recycling it when its requests finish"),
                                     10)
