@@ -42,6 +42,7 @@ log = logging.getLogger("mlx_supervisor.worker")
 
 WATCH_EVERY = 0.2
 TERM_GRACE = 1.0
+LAUNCHER_GRACE = 1.5
 
 
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
@@ -148,7 +149,12 @@ class GroupProcess(WorkerProcess):
                 why = f"rank process {dead[0]} exited; stopping every rank of the group"
                 self.stderr_tail.append(why)
                 log.warning("[%s pid=%d] %s", self.label, self.pid, why)
-                await asyncio.sleep(0.3)  # mlx.launch's own report of the exit comes first
+                # mlx.launch stops the others itself when a rank failed, then names the rank and
+                # the cause (group_launch): give it a moment before we stop what is left.
+                for _ in range(int(LAUNCHER_GRACE / 0.05)):
+                    if self.proc.returncode is not None:
+                        break
+                    await asyncio.sleep(0.05)
                 await self._kill_all()
                 return
 

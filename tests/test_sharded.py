@@ -99,6 +99,27 @@ def test_sharded_greedy_output_equals_unsharded_and_eviction_frees_every_rank(
     assert not [pid for pid in group_pids(tp) if alive(pid)]
 
 
+def test_a_cancelled_stream_leaves_the_ranks_in_step(srv: ServerProcess) -> None:
+    """The client goes away mid-stream: rank 0 tells the other ranks to stop too, and the next
+    request (and one stopped by a stop string) still decodes the same tokens on every rank."""
+    reference = complete(srv, "tp").json()["choices"][0]["text"]
+    body = {"model": "tp", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = 0
+        for line in r.iter_lines():
+            lines += bool(line.startswith("data:"))
+            if lines == 3:
+                break  # closes the connection: the gateway cancels the request
+    stop = reference[5:8]
+    r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+        "model": "tp", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", r.text
+    assert reference.startswith(r.json()["choices"][0]["text"])
+    assert complete(srv, "tp").json()["choices"][0]["text"] == reference
+    w = worker(srv, "tp")
+    assert w is not None and w["inflight"] == 0 and all(alive(x["pid"]) for x in w["ranks"])
+
+
 def test_kill_9_of_rank_1_mid_stream_fails_the_stream_and_the_next_request_reforms(
         srv: ServerProcess) -> None:
     assert complete(srv, "tp", max_tokens=2).status_code == 200
