@@ -122,6 +122,7 @@ class WorkerFactory:
         import time
 
         import zmq
+
         from mlx_supervisor.shared.protocol import decode_from_worker
 
         queue = self._pending.setdefault(worker_id, [])

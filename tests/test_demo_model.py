@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx_lm
+
 from mlx_supervisor.worker import demo_model
 
 

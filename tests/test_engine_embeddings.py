@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate
 from mlx_supervisor.worker.engine_embeddings import EmbeddingsEngine
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mlx_supervisor.shared.protocol import Chunk, Done, Embed, Error, Generate, Started
 from mlx_supervisor.worker.engine_vlm import VLMEngine
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mlx_supervisor.shared.model_kind import detect_kind
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
+
 from mlx_supervisor.shared.protocol import Chunk, Done, Error, Generate, Started
 from mlx_supervisor.worker.engine_lm import LMEngine
 

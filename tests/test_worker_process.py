@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
     EXIT_PARENT_GONE,

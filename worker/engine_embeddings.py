@@ -35,6 +35,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import psutil
+
 from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate, Memory
 from mlx_supervisor.worker.engine import Emit, LoadInfo
 from mlx_supervisor.worker.validation import bad_request

@@ -34,6 +34,7 @@ import mlx_lm
 from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
+
 from mlx_supervisor.shared.protocol import (
     Chunk,
     Done,

@@ -39,6 +39,7 @@ from typing import Any
 
 import mlx.core as mx
 import msgspec
+
 from mlx_supervisor.shared.protocol import (
     Chunk,
     Done,

@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
 from mlx_supervisor.shared.protocol import Generate, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
