@@ -157,7 +157,7 @@ def test_kill_9_mid_stream_fails_that_stream_only_and_respawns() -> None:
             model="victim", messages=[{"role": "user", "content": "go"}], max_tokens=1000, stream=True)
         got = 0
         with pytest.raises(openai.APIError) as e:
-            for chunk in stream:
+            for _chunk in stream:
                 got += 1
                 if got == 5:
                     os.kill(pid, signal.SIGKILL)
