@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -50,6 +51,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(report: dict[str, Any], out: Path, t0: float) -> str:
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report)
+    (out / "report.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (~3 min)")
@@ -60,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny: the demo llama; large: a generated 4-bit llama (hidden 2048, 16 layers)")
     ap.add_argument("--models-dir", default=None,
                     help="where bench models are built and cached (default OUT/models)")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: smallest sizes
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     s = Settings(quick=a.quick, out=out, model_size=a.model_size,
-                 models_dir=Path(a.models_dir) if a.models_dir else out / "models")
+                 models_dir=Path(a.models_dir) if a.models_dir else out / "models", smoke=a.smoke)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
     report: dict[str, Any] = {"command": command.strip(), "quick": a.quick, "model_size": a.model_size,
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.only or list(SUITES):
         t1 = time.monotonic()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        load = [round(x, 2) for x in os.getloadavg()]
         try:
             sec = SUITES[name](s)
         except Exception:
@@ -81,16 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: not present, skipped", file=sys.stderr, flush=True)
             continue
         sec["seconds"] = round(time.monotonic() - t1, 1)
+        sec["loadavg_at_start"] = load
         report["benches"][name] = sec
         for f in sec.get("figures", []):
             print(f"[bench]   {f['figure']}: {_fmt(f['value'])} vs {_fmt(f['baseline'])} {f['unit']} "
                   f"-> ratio {f['ratio']:.3f}", file=sys.stderr, flush=True)
         if sec.get("error"):
             print(f"[bench] {name} FAILED:\n{sec['error']}", file=sys.stderr, flush=True)
-    report["seconds"] = round(time.monotonic() - t0, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (out / "report.md").write_text(md)
+        md = _write(report, out, t0)  # after every bench: a run cut short still leaves a report
+    md = _write(report, out, t0)
     print(md)
     return 1 if any(sec.get("error") for sec in report["benches"].values()) else 0
 

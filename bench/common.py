@@ -48,8 +48,11 @@ class Settings:
     out: Path
     model_size: str  # "tiny" | "large"
     models_dir: Path
+    smoke: bool = False  # the smallest sizes that still run every step (tests/test_bench.py)
 
-    def pick(self, quick: Any, full: Any) -> Any:
+    def pick(self, quick: Any, full: Any, smoke: Any = None) -> Any:
+        if self.smoke and smoke is not None:
+            return smoke
         return quick if self.quick else full
 
 
@@ -85,7 +88,7 @@ def inproc(*args: str, timeout: float = 600) -> dict[str, Any]:
 def gateway(models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
             env: dict[str, str] | None = None) -> ServerProcess:
     base: dict[str, Any] = {"log_level": "WARNING", "heartbeat_interval": 1.0,
-                            "heartbeat_timeout": 10.0, "ledger": {"enabled": False}}
+                            "heartbeat_timeout": 60.0, "ledger": {"enabled": False}}
     base.update(settings or {})
     return ServerProcess(models=models, settings=base, env=env)
 

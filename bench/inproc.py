@@ -79,8 +79,40 @@ def _decode(d: Path, max_tokens: int, reps: int, prompt: str) -> dict[str, Any]:
             ttfts.append(t_first - t0)
             tokens = n
     rates.sort()
+    batch = _batch_decode(model, tok, prompt, max_tokens, reps, greedy)
     return {"decode_tps": rates[len(rates) // 2], "decode_tps_all": [round(r, 1) for r in rates],
-            "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tokens": tokens}
+            "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tokens": tokens,
+            "batch_decode_tps": batch[len(batch) // 2], "batch_decode_tps_all": [round(r, 1) for r in batch]}
+
+
+def _batch_decode(model: Any, tok: Any, prompt: str, max_tokens: int, reps: int, sampler: Any) -> list[float]:
+    """The same single stream through ``BatchGenerator`` (the engine the lm worker and
+    mlx_lm.server use), in-process: separates the engine's cost from the gateway's."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stream=mx.default_stream(mx.default_device()))
+    ids = list(tok.encode(prompt))
+    rates = []
+    try:
+        for i in range(reps + 1):
+            (uid,) = gen.insert([ids], max_tokens=[max_tokens], samplers=[sampler])
+            n, t_first, t_last, done = 0, 0.0, 0.0, False
+            while not done:
+                _, responses = gen.next()
+                for r in responses:
+                    if r.uid != uid:
+                        continue
+                    t_last = time.perf_counter()
+                    n += 1
+                    if n == 1:
+                        t_first = t_last
+                    done = r.finish_reason is not None
+            if i:
+                rates.append((n - 1) / (t_last - t_first))
+    finally:
+        gen.close()
+    return sorted(rates)
 
 
 def _cold(d: Path, prompt: str) -> dict[str, Any]:
