@@ -46,13 +46,8 @@ from mlx_supervisor.shared.protocol import (
     TokenLogprob,
 )
 from mlx_supervisor.worker.engine import Emit, LoadInfo
+from mlx_supervisor.worker.lm_prompt import prepare
 from mlx_supervisor.worker.lm_sampling import StopText, sampler_for, token_logprob
-from mlx_supervisor.worker.validation import (
-    bad_request,
-    check_generate,
-    check_prompt_length,
-    clamp_max_tokens,
-)
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -117,48 +112,13 @@ class LMEngine:
 
     # ---------------------------------------------------------------- requests
 
-    def _tokenize(self, req: Generate) -> list[int]:
-        tok = self.tokenizer
-        if req.prompt_ids is not None:
-            return list(req.prompt_ids)
-        if req.prompt is not None:
-            return list(tok.encode(req.prompt))
-        messages = [{**m, "content": m.get("content") or ""} for m in req.messages or []]
-        if tok.has_chat_template:
-            return list(tok.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True))
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return list(tok.encode(text))
-
     def submit(self, req: Generate | Embed, emit: Emit) -> None:
-        if isinstance(req, Embed):
-            emit(bad_request(req.id, "this model generates text; it does not embed",
-                             code="model_not_supported"))
+        ready = prepare(req, self.tokenizer, self.vocab_size, self.context_length)
+        if isinstance(ready, Error):
+            emit(ready)
             return
-        err = check_generate(req)
-        if err is None and req.images:
-            err = bad_request(req.id, "this model does not take images", param="messages")
-        if err is None and req.logit_bias and any(
-                not 0 <= t < self.vocab_size for t in req.logit_bias):
-            err = bad_request(req.id, f"logit_bias token ids must be in [0, {self.vocab_size})",
-                              param="logit_bias")
-        if err is not None:
-            emit(err)
-            return
-        try:
-            ids = self._tokenize(req)
-        except Exception as e:
-            emit(bad_request(req.id, f"could not build the prompt: {e}", param="messages"))
-            return
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            emit(bad_request(req.id, f"prompt_ids must be in [0, {self.vocab_size})",
-                             param="prompt"))
-            return
-        err = check_prompt_length(req.id, len(ids), self.context_length)
-        if err is not None:
-            emit(err)
-            return
-        max_tokens = clamp_max_tokens(req.max_tokens, len(ids), self.context_length)
+        assert isinstance(req, Generate)
+        ids, max_tokens = ready
 
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.key, ids)
         if cache is not None and not rest:  # exact hit: the last token must still be fed
