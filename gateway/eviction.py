@@ -55,3 +55,43 @@ def plan_admission(
     wait = fits and (bool(victims) or (freeing > 0 and used + need > budget)
                      or (max_models > 0 and sum(1 for _ in holders) + 1 > max_models))
     return Plan(victims=victims if fits else [], fits=fits, wait=wait)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One live worker as the over-budget policy sees it (after admission, as it grows)."""
+
+    id: str
+    bytes: int
+    estimate: int
+    last_used: float
+    idle: bool  # ready with nothing in flight (or a warm spare)
+    pinned: bool = False
+    stopping: bool = False
+    ready: bool = True
+    recycling: bool = False
+
+
+def relieve(usages: Sequence[Usage], budget: int) -> tuple[list[str], str | None]:
+    """Workers grow after admission (KV cache, buffers). When the measured total is over the
+    budget: evict idle unpinned workers, least recently used first; if that is not enough, pick
+    the worker that grew most past its estimate to recycle once its requests finish.
+
+    Returns ``(ids to evict now, id to recycle or None)``. Bytes already stopping count as freed.
+    """
+    over = sum(u.bytes for u in usages) - budget
+    over -= sum(u.bytes for u in usages if u.stopping)
+    evict: list[str] = []
+    for u in sorted((u for u in usages if u.idle and not u.pinned and not u.stopping),
+                    key=lambda u: u.last_used):
+        if over <= 0:
+            break
+        evict.append(u.id)
+        over -= u.bytes
+    if over <= 0:
+        return evict, None
+    growers = [u for u in usages if u.ready and not u.recycling and not u.stopping
+               and u.id not in evict and u.bytes > u.estimate]
+    if not growers:
+        return evict, None
+    return evict, max(growers, key=lambda u: u.bytes - u.estimate).id

@@ -12,18 +12,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
-from mlx_supervisor.gateway import group, process
-from mlx_supervisor.gateway.catalog import WORKER_BASELINE, Entry
+from mlx_supervisor.gateway import group, process, views
+from mlx_supervisor.gateway.catalog import Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.eviction import Holder, plan_admission
-from mlx_supervisor.gateway.states import HOT, State, transition
+from mlx_supervisor.gateway.states import State, transition
+from mlx_supervisor.gateway.supervisor_admin import AdminCommands
+from mlx_supervisor.gateway.supervisor_upkeep import SPARE, Upkeep
 from mlx_supervisor.gateway.transport import Transport
 from mlx_supervisor.gateway.workers import (
     Abandon,
@@ -50,13 +49,11 @@ from mlx_supervisor.shared.sizes import format_size
 
 log = logging.getLogger("mlx_supervisor.supervisor")
 TICK = 0.2
-SPARE = "(spare)"  # model id of the warm spare: imports done, no model yet
-SPARE_KINDS = frozenset({"lm", "vlm", "embeddings"})
 
 Hook = Callable[[str, dict[str, Any]], None]
 
 
-class Supervisor:
+class Supervisor(AdminCommands, Upkeep):
     def __init__(self, cfg: Config, entries: dict[str, Entry], aliases: dict[str, str], budget: int,
                  endpoint: str):
         self.cfg = cfg
@@ -351,40 +348,6 @@ class Supervisor:
                  format_size(e.estimate), format_size(self.used_bytes()), format_size(self.budget))
         self._spawn_task(self._spawn_process(worker, e))
 
-    def _adopt_spare(self, slot: Slot) -> bool:
-        """Hand the model to the warm spare (imports already done) instead of a fresh process."""
-        w, e = self.spare, slot.entry
-        if (w is None or w.state is not State.LOADING or w.stopping or e.env or e.ranks > 1
-                or e.kind not in SPARE_KINDS):
-            return False
-        self.spare = None
-        w.model_id, w.kind, w.estimate, w.spare = e.id, e.kind, e.estimate, False
-        w.context_length, w.reserved, w.memory = e.context_length, e.reserved, None
-        w.last_used = time.monotonic()
-        slot.worker = w
-        slot.loads += 1
-        self._emit("spawning", model=e.id, spare=True)
-        log.info("model=%s pid=%s loading in the warm spare %s", e.id, w.pid, w.worker_id)
-        self.transport.send(w.worker_id, p.Load(model_id=e.id, path=e.path, kind=e.kind,
-                                                context_length=e.context_length))
-        return True
-
-    def _ensure_spare(self) -> None:
-        """Keep one warm spare when it fits without evicting anything."""
-        now = time.monotonic()
-        if (not self.cfg.warm_spare or self.closing or self.spare is not None
-                or now < self._spare_retry_at or any(s.pending_admission for s in self.slots.values())):
-            return
-        plan = plan_admission(WORKER_BASELINE, self._holders(SPARE), self.budget, self.max_models)
-        if not plan.fits or plan.victims or plan.wait:
-            return
-        w = Worker(model_id=SPARE, worker_id=f"spare#{next(self._ids)}", estimate=WORKER_BASELINE,
-                   kind="lm", spare=True)
-        self.spare = w
-        self.workers[w.worker_id] = w
-        self.transport.allow(w.worker_id)
-        self._spawn_task(self._spawn_process(w, None))
-
     async def _spawn_process(self, worker: Worker, e: Entry | None) -> None:
         common = dict(endpoint=self.transport.endpoint, worker_id=worker.worker_id,
                       heartbeat_interval=self.cfg.heartbeat_interval,
@@ -570,227 +533,10 @@ class Supervisor:
         if w.proc is not None:
             w.proc.signal_group(9)
 
-    # ------------------------------------------------------------ timers
-
-    def on_tick(self, ev: Tick) -> None:
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            if w.proc is None or w.proc.proc.returncode is not None:
-                continue
-            silent = now - w.last_heartbeat
-            if w.kill_reason and w.state is not State.DRAINING:
-                if silent > 1.0:  # a failed loader that did not exit by itself
-                    self._kill(w, w.kill_reason)
-            elif silent > self.cfg.heartbeat_timeout and not w.stopping:
-                self._kill(w, f"missed heartbeats for {silent:.1f}s (hung?)")
-            elif (w.state in (State.STARTING, State.LOADING) and not w.spare
-                  and now - w.last_used > self.cfg.load_timeout):
-                self._kill(w, f"did not load within load_timeout ({self.cfg.load_timeout:g}s)")
-            elif w.state is State.READY and w.inflight == 0:
-                slot = self.slots.get(w.model_id)
-                if slot and not slot.waiters and not slot.pinned and slot.entry.ttl > 0 \
-                        and now - w.last_used >= slot.entry.ttl:
-                    self._emit("ttl", model=w.model_id, pid=w.pid)
-                    self._drain(w, f"idle for {slot.entry.ttl:g}s (ttl)")
-        if now - self._last_ping >= self.cfg.heartbeat_interval:
-            self._last_ping = now
-            for w in self.workers.values():
-                if w.pid is not None:
-                    self.transport.send(w.worker_id, p.Ping())
-        for slot in self.slots.values():
-            if slot.pending_admission and slot.respawn_at <= now:
-                slot.respawn_at = 0.0
-                slot.pending_admission = False
-                self._admit(slot)
-            elif slot.pinned and slot.worker is None and not self.closing and not slot.pending_admission \
-                    and slot.failed_until <= now:
-                self._admit(slot)
-            for w in list(slot.waiters):  # expire queue waiters whose client gave up
-                if w.fut.done():
-                    slot.waiters.remove(w)
-        self._enforce_budget()
-        self._ensure_spare()
-
-    def _enforce_budget(self) -> None:
-        """Workers grow after admission (KV cache, buffers). Policy when the measured total goes
-        over the budget: evict idle unpinned workers, least recently used first (the spare first);
-        if that is not enough, recycle the worker that grew most past its estimate as soon as its
-        in-flight requests finish (a pinned one is reloaded right after)."""
-        over = self.used_bytes() - self.budget
-        if over <= 0:
-            return
-        stopping = sum(w.bytes for w in self.workers.values() if w.stopping or w.state is State.DRAINING)
-        over -= stopping
-        idle = sorted((w for w in self.workers.values()
-                       if w.state is State.READY and w.inflight == 0 and not w.stopping
-                       and not (w.model_id in self.slots and self.slots[w.model_id].pinned)),
-                      key=lambda w: -1.0 if w.spare else w.last_used)
-        if self.spare is not None and self.spare.state is State.LOADING and not self.spare.stopping:
-            idle.insert(0, self.spare)
-        for w in idle:
-            if over <= 0:
-                return
-            log.warning("memory over budget by %s: evicting %s", format_size(over), w.model_id)
-            self._emit("evicted", model=w.model_id, pid=w.pid, reason="over budget")
-            self._drain(w, f"evicted: memory over budget by {format_size(over)}")
-            over -= w.bytes
-        if over <= 0:
-            return
-        growers = [w for w in self.workers.values()
-                   if w.state is State.READY and not w.recycle and w.bytes > w.estimate]
-        if growers:
-            w = max(growers, key=lambda w: w.bytes - w.estimate)
-            w.recycle = True
-            log.warning("model=%s pid=%s grew to %s (estimate %s) and the ledger is over budget: "
-                        "recycling it when its requests finish", w.model_id, w.pid,
-                        format_size(w.bytes), format_size(w.estimate))
-            if w.inflight == 0:
-                self._drain(w, "recycled: grew past its memory share")
-
-    # ------------------------------------------------------------ admin commands
-
-    def _post_load(self, model_id: str) -> None:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
-        self.events.put_nowait(LoadCmd(model_id, None, fut))
-
-    def on_loadcmd(self, ev: LoadCmd) -> None:
-        slot = self.slots.get(ev.model_id)
-        if slot is None:
-            ev.fut.set_exception(APIError(404, f"model {ev.model_id!r} does not exist", code="model_not_found"))
-            return
-        if ev.pin is not None:
-            slot.pinned = ev.pin
-        err = self._failed_error(slot)
-        if err:
-            ev.fut.set_exception(err)
-            return
-        if slot.worker is not None and slot.worker.state is State.READY:
-            ev.fut.set_result(slot.worker)
-            return
-        slot.load_waiters.append(ev.fut)
-        self._admit(slot)
-
-    def on_unloadcmd(self, ev: UnloadCmd) -> None:
-        slot = self.slots.get(ev.model_id)
-        if slot is None:
-            ev.fut.set_exception(APIError(404, f"model {ev.model_id!r} does not exist", code="model_not_found"))
-            return
-        slot.pinned = False
-        slot.pending_admission = False
-        w = slot.worker
-        if w is None:
-            ev.fut.set_result(None)
-            return
-        self._drain(w, "unloaded by admin")
-        self._spawn_task(self._await_exit(w, ev.fut))
-
-    async def _await_exit(self, w: Worker, fut: asyncio.Future[Any]) -> None:
-        while w.hot:
-            await asyncio.sleep(0.05)
-        if not fut.done():
-            fut.set_result(None)
-
-    def on_cancelcmd(self, ev: CancelCmd) -> None:
-        # The route's Run sees a finished stream and so will not send Cancel: tell the worker here.
-        for wid in [w for w in self.workers if ev.request_id in self.transport.streams_of(w)]:
-            self.transport.send(wid, p.Cancel(id=ev.request_id))
-        ok = self.transport.fail_request(ev.request_id, f"request {ev.request_id} was {ev.reason}",
-                                         code="cancelled", status=499)
-        for slot in self.slots.values():
-            for w in list(slot.waiters):
-                if w.request_id == ev.request_id:
-                    slot.waiters.remove(w)
-                    w.fut.set_exception(APIError(499, f"request {ev.request_id} was {ev.reason}",
-                                                 code="cancelled"))
-                    ok = True
-        ev.fut.set_result(ok)
-
-    def on_reloadcmd(self, ev: ReloadCmd) -> None:
-        self.budget, self.max_models, self.aliases = ev.budget, ev.max_models, ev.aliases
-        for mid in list(self.slots):
-            if mid not in ev.entries:
-                slot = self.slots[mid]
-                self._fail_waiters(slot, APIError(404, f"model {mid!r} was removed", code="model_not_found"))
-                if slot.worker:
-                    self._drain(slot.worker, "removed from config")
-                del self.slots[mid]
-        for mid, e in ev.entries.items():
-            if mid in self.slots:
-                slot = self.slots[mid]
-                changed = (slot.entry.path, slot.entry.kind) != (e.path, e.kind)
-                slot.entry = e
-                slot.pinned = e.pinned
-                if changed and slot.worker:
-                    self._drain(slot.worker, "config changed")
-            else:
-                self.slots[mid] = Slot(entry=e, pinned=e.pinned)
-        log.info("config reloaded: %d models, budget %s", len(self.slots), format_size(self.budget))
-        ev.fut.set_result(None)
-
-    def on_shutdowncmd(self, ev: ShutdownCmd) -> None:
-        self.closing = True
-        for slot in self.slots.values():
-            self._fail_waiters(slot, APIError(503, "server is shutting down", code="shutting_down"))
-            slot.pending_admission = False
-        for w in list(self.workers.values()):
-            self._drain(w, "gateway shutting down")
-        self._spawn_task(self._finish_shutdown(ev))
-
-    async def _finish_shutdown(self, ev: ShutdownCmd) -> None:
-        deadline = time.monotonic() + ev.grace
-        while any(w.inflight for w in self.workers.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for w in list(self.workers.values()):
-            n = self.transport.fail_worker(w.worker_id, "server shut down before the request finished",
-                                           code="shutting_down")
-            if n:
-                log.warning("model=%s cancelled %d request(s) at shutdown", w.model_id, n)
-            w.inflight = 0
-            self._stop(w, "gateway shutting down")
-        while any(w.state in HOT for w in self.workers.values()):
-            await asyncio.sleep(0.05)
-        if not ev.fut.done():
-            ev.fut.set_result(None)
-
     # ------------------------------------------------------------ views (read-only)
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.monotonic()
-        workers = []
-        for w in self.workers.values():
-            slot = self.slots.get(w.model_id)
-            ttl = slot.entry.ttl if slot else 0
-            workers.append({
-                "model": w.model_id, "spare": w.spare, "worker_id": w.worker_id, "pid": w.pid, "state": w.state.value,
-                "kind": w.kind, "memory_bytes": w.memory.footprint if w.memory else 0,
-                "estimated_bytes": w.estimate, "charged_bytes": w.bytes,
-                "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,
-                           "rss": w.memory.rss} if w.memory else None,
-                "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
-                "worker_inflight": w.worker_inflight,
-                "queued": len(slot.waiters) if slot else 0,
-                "last_used": time.time() - (now - w.last_used),
-                "idle_seconds": round(now - w.last_used, 3),
-                "ttl": ttl,
-                "ttl_remaining": (max(0.0, ttl - (now - w.last_used)) if ttl > 0 and not (slot and slot.pinned)
-                                  and w.inflight == 0 else None),
-                "started_at": w.started_at, "load_seconds": w.load_seconds,
-                "ranks": [msgspec.structs.asdict(r) for r in w.ranks],
-            })
-        return {
-            "pid": os.getpid(), "uptime": time.time() - self.started, "budget_bytes": self.budget,
-            "used_bytes": self.used_bytes(), "max_models": self.max_models, "workers": workers,
-        }
+        return views.snapshot(self)
 
     def model_info(self, model_id: str) -> dict[str, Any]:
-        slot = self.slots[model_id]
-        w = slot.worker
-        state = w.state.value if w else ("failed" if slot.failed_until > time.monotonic() else "cold")
-        return {
-            "state": state, "kind": slot.entry.kind, "pinned": slot.pinned,
-            "memory": w.bytes if w else 0, "estimated_bytes": slot.entry.estimate,
-            "aliases": slot.entry.aliases, "pid": w.pid if w else None,
-            "last_error": slot.last_error, "loads": slot.loads,
-            "context_length": (w.context_length if w else 0) or slot.entry.context_length,
-        }
+        return views.model_info(self, model_id)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -107,7 +108,8 @@ class Transport:
         # An asyncio socket reports a failed non-blocking send (ROUTER_MANDATORY: peer gone) on
         # the returned future, not by raising; unread, it also logs "exception never retrieved".
         try:
-            fut = self._sock.send_multipart([worker_id.encode(), p.encode(msg)], flags=zmq.NOBLOCK)
+            fut = cast("asyncio.Future[Any]", self._sock.send_multipart(
+                [worker_id.encode(), p.encode(msg)], flags=zmq.NOBLOCK))
             e = fut.exception() if fut.done() else None
         except zmq.ZMQError as exc:
             e = exc
@@ -119,7 +121,7 @@ class Transport:
     async def _recv_loop(self) -> None:
         # A plain (synchronous) view of the same socket, for draining without the asyncio
         # machinery; used only from this task, so the socket still has one user at a time.
-        sync = zmq.Socket.shadow(self._sock.underlying)
+        sync: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         while True:
             try:
                 frames = await self._sock.recv_multipart()

@@ -1,6 +1,6 @@
 """The eviction planner is a pure function: tested on data alone."""
 
-from mlx_supervisor.gateway.eviction import Holder, plan_admission
+from mlx_supervisor.gateway.eviction import Holder, Usage, plan_admission, relieve
 
 GB = 10**9
 
@@ -40,3 +40,25 @@ def test_max_models_caps_hot_workers() -> None:
 
 def test_more_than_budget_never_fits() -> None:
     assert not plan_admission(7 * GB, [], budget=6 * GB).fits
+
+
+def u(wid: str, mb: int, used: float, *, est: int | None = None, **kw: bool) -> Usage:
+    return Usage(wid, mb, mb if est is None else est, used, **{"idle": True, **kw})
+
+
+def test_relieve_evicts_idle_lru_first_never_pinned() -> None:
+    usages = [u("a", 50, 1.0), u("b", 50, 2.0, pinned=True), u("c", 50, 3.0)]
+    assert relieve(usages, budget=120) == (["a"], None)
+    assert relieve(usages, budget=150) == ([], None)
+
+
+def test_relieve_recycles_the_biggest_grower_when_evicting_is_not_enough() -> None:
+    usages = [u("busy", 90, 1.0, est=40, idle=False), u("idle", 20, 2.0),
+              u("small", 30, 3.0, est=25, idle=False)]
+    evict, recycle = relieve(usages, budget=60)
+    assert evict == ["idle"] and recycle == "busy"
+
+
+def test_relieve_counts_stopping_workers_as_freed() -> None:
+    usages = [u("going", 100, 1.0, stopping=True, idle=False), u("b", 50, 2.0)]
+    assert relieve(usages, budget=60) == ([], None)
