@@ -314,16 +314,24 @@ def completion_body(model: str, max_tokens: int, prompt: str = PROMPT, stream: b
     return b
 
 
+STAGGER = 0.003  # seconds between the first connections of two lanes
+
+
 async def concurrent(port: int, bodies: list[list[dict[str, Any]]], path: str = "/v1/completions"
                      ) -> tuple[float, list[StreamResult]]:
     """One task per list in ``bodies``, each sending its requests one after another; returns the
-    wall time from the first send to the last byte, and every result."""
+    wall time from the first send to the last byte, and every result.
 
-    async def lane(items: list[dict[str, Any]]) -> list[StreamResult]:
+    Lanes start ``STAGGER`` apart: mlx_lm.server (``http.server``) listens with a backlog of 5, and
+    64 simultaneous connects overflow it, so SYN retries (1 s, 3 s, ...) rather than batching
+    would decide its number. The same ramp applies to every server measured."""
+
+    async def lane(i: int, items: list[dict[str, Any]]) -> list[StreamResult]:
+        await asyncio.sleep(i * STAGGER)
         return [await request(port, path, b) for b in items]
 
     t0 = time.perf_counter()
-    lanes = await asyncio.gather(*(lane(b) for b in bodies))
+    lanes = await asyncio.gather(*(lane(i, b) for i, b in enumerate(bodies)))
     wall = time.perf_counter() - t0
     results = [r for lane_results in lanes for r in lane_results]
     bad = [r for r in results if r.status != 200 or (r.completion_tokens <= 0)]
