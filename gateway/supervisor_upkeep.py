@@ -56,9 +56,14 @@ class Upkeep:
             if w.kill_reason and w.state is not State.DRAINING:
                 if silent > 1.0:  # a failed loader that did not exit by itself
                     self._kill(w, w.kill_reason)
+            elif w.state is State.STARTING:
+                # No Hello yet: the interpreter is still importing (15 s for mlx_lm on some
+                # machines), so only load_timeout applies, not the heartbeat timeout.
+                if now - w.last_used > self.cfg.load_timeout:
+                    self._kill(w, f"did not start within load_timeout ({self.cfg.load_timeout:g}s)")
             elif silent > self.cfg.heartbeat_timeout and not w.stopping:
                 self._kill(w, f"missed heartbeats for {silent:.1f}s (hung?)")
-            elif (w.state in (State.STARTING, State.LOADING) and not w.spare
+            elif (w.state is State.LOADING and not w.spare
                   and now - w.last_used > self.cfg.load_timeout):
                 self._kill(w, f"did not load within load_timeout ({self.cfg.load_timeout:g}s)")
             elif w.state is State.READY and w.inflight == 0:
