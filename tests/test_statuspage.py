@@ -181,8 +181,9 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
 
             chat(srv, "alpha")  # appears after a request...
             hot_row(page, "alpha").wait_for()
+            # The page polls once a second: it may first have shown the row while loading.
+            page.wait_for_selector('#workers tbody tr[data-model="alpha"][data-state="ready"]')
             pid = httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"][0]["pid"]
-            assert hot_row(page, "alpha").get_attribute("data-state") == "ready"
             assert str(pid) in hot_row(page, "alpha").inner_text()
             page.wait_for_selector('#events li[data-kind="ready"]')
             httpx.post(srv.url + "/admin/models/alpha/unload", headers=AUTH, timeout=30)
@@ -220,6 +221,10 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
             page.click('#catalog tbody tr[data-model="beta"] button[data-action="unload"]')
             hot_row(page, "beta").wait_for(state="detached")
             page.wait_for_selector("#noworkers:not([hidden])")
+            deadline = time.monotonic() + 15
+            while httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
             assert httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] == []
             page.wait_for_selector('#events li[data-kind="stopped"]')
             assert "unloaded by admin" in page.inner_text("#events")
