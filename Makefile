@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup system-deps serve test lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/mlx-supervisor serve --demo
 
-test: setup
+# nginx and Chromium, which the scale-out and status-page tests drive for real.
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest
 
 lint: setup

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages the test suite drives for real: Debian's nginx (the scale-out test) and
+# Chromium (the status page test). Idempotent; does nothing when both are already there.
+set -euo pipefail
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null || missing+=(chromium)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null; then
+  echo "system-deps: please install: ${missing[*]} (needed by the test suite)" >&2
+  exit 1
+fi
+sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+$sudo apt-get update -q
+$sudo apt-get install -y -q "${missing[@]}"
