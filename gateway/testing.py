@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -146,3 +147,31 @@ def _alive(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+T = TypeVar("T")
+MB = 10**6
+
+
+def fake_model(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
+    """A catalog entry for the fake engine: a real worker process, no MLX (see engine_fake)."""
+    return {"path": "/nonexistent/fake", "kind": "fake",
+            "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
+
+
+def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, step: float = 0.05,
+             what: str = "") -> T:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s: {what or cond}")
+        time.sleep(step)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return _alive(pid)

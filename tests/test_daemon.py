@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, wait_for
 from mlx_supervisor.gateway.testing_cli import CLIHome, fake
 
 
@@ -36,15 +36,6 @@ def js(r: subprocess.CompletedProcess[str]) -> Any:
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
-
-def wait_for(cond: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def start(home: CLIHome) -> int:

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from mlx_supervisor.gateway import cli
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, wait_for
 
 ADMIN = {"authorization": "Bearer adm"}
 
@@ -48,15 +48,6 @@ def status(srv: ServerProcess, rid: str, headers: dict[str, str] | None = None) 
     r = httpx.get(f"{srv.url}/v1/jobs/{rid}", headers=headers, timeout=10)
     return None if r.status_code == 404 else str(r.json()["status"])
 
-
-def wait_for(cond: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def consume(s: Any, out: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mlx_supervisor.gateway.context import Gateway
 from mlx_supervisor.gateway.metrics import attach, crash_reason
 from mlx_supervisor.gateway.supervisor import Supervisor
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, wait_for
 from mlx_supervisor.shared.config import Config
 
 MB = 10**6
@@ -54,15 +53,6 @@ def chat(srv: ServerProcess, model: str, max_tokens: int = 5, stream: bool = Fal
                                        max_tokens=max_tokens, stream=stream)
     return list(r) if stream else r
 
-
-def wait_for(cond: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_counters_after_load_serve_evict_crash_ttl_and_refusal() -> None:

@@ -13,11 +13,10 @@ from typing import Any
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from mlx_supervisor.gateway.group import free_port_block
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, alive
 from mlx_supervisor.shared.config import ModelConfig, loads, semantic_problems
 from mlx_supervisor.shared.protocol import Hello
 from mlx_supervisor.shared.sizes import read_model_config
@@ -41,12 +40,6 @@ def complete(srv: ServerProcess, model: str, max_tokens: int = 24) -> httpx.Resp
     return httpx.post(srv.url + "/v1/completions", timeout=120, json={
         "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
 
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def group_pids(w: dict[str, Any]) -> list[int]:

@@ -14,14 +14,12 @@ import httpx
 import openai
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing import alive as _alive
+from mlx_supervisor.gateway.testing import fake_model as fake
 
 MB = 10**6
 
-
-def fake(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
-    return {"path": "/nonexistent/fake", "kind": "fake",
-            "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
 
 
 def ps(srv: ServerProcess) -> dict[str, Any]:
@@ -40,15 +38,6 @@ def chat(srv: ServerProcess, model: str, content: str = "hello there", **kw: Any
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                           max_tokens=kw.pop("max_tokens", 5), **kw)
 
-
-def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 class LedgerSampler:
@@ -229,15 +218,3 @@ def test_admin_load_pin_and_unload() -> None:
         assert chat(srv, "b").choices[0].message.content
         snap = ps(srv)
         assert snap["budget_bytes"] == 150 * MB and snap["used_bytes"] > 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False

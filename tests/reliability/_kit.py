@@ -1,17 +1,19 @@
-"""Small helpers the reliability tests share: fake models, polling, /admin/ps, SSE streams."""
+"""Small helpers the reliability tests share: /admin/ps, SSE streams, the audit hook.
+
+``fake``, ``wait_for`` and ``alive`` are re-exported from ``gateway.testing``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, alive, wait_for
+from mlx_supervisor.gateway.testing import fake_model as fake
 
 MB = 10**6
 PROBE = "mlxsup-probe"  # any file-system event naming this (or passwd, ~root) is recorded
@@ -67,36 +69,6 @@ if _log and _marks:
 
 T = TypeVar("T")
 
-
-def fake(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
-    """A catalog entry for the fake engine (a real worker process, no MLX)."""
-    return {"path": "/nonexistent/fake", "kind": "fake",
-            "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
-
-
-def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, step: float = 0.05, what: str = "") -> T:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout}s: {what or cond}")
-        time.sleep(step)
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def auth(key: str | None) -> dict[str, str]:
@@ -201,3 +173,6 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: dict[str, An
             if on_event is not None:
                 on_event(res)
     return res
+
+
+__all__ = ["alive", "fake", "wait_for"]
