@@ -92,6 +92,8 @@ class Supervisor(AdminCommands, Upkeep):
 
     async def acquire(self, model_id: str, request_id: str) -> Lease:
         """Wait for a worker of ``model_id`` with a free concurrency slot; bounded by queue_timeout."""
+        if self.closing or self._task is None or self._task.done():
+            raise APIError(503, "server is shutting down", code="shutting_down", retry_after=5)
         waiter = Waiter(asyncio.get_running_loop().create_future(), request_id)
         self.events.put_nowait(Acquire(model_id, waiter))
         try:
