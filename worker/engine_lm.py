@@ -36,18 +36,16 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_supervisor.shared.protocol import (
-    Chunk,
     Done,
     Embed,
     Error,
     Generate,
     Memory,
     Started,
-    TokenLogprob,
 )
 from mlx_supervisor.worker.engine import Emit, LoadInfo
 from mlx_supervisor.worker.lm_prompt import prepare
-from mlx_supervisor.worker.lm_sampling import StopText, sampler_for, token_logprob
+from mlx_supervisor.worker.lm_sampling import Pending, StopText, sampler_for, token_logprob
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -61,8 +59,7 @@ class _Running:
     detok: Any
     stop_text: StopText
     completion: int = 0
-    pending_tokens: int = 0
-    pending_lp: list[TokenLogprob] = field(default_factory=list)
+    pending: Pending = field(default_factory=Pending)
 
 
 class LMEngine:
@@ -206,20 +203,14 @@ class LMEngine:
             st.detok.add_token(r.token)
             if finish == "length":
                 st.detok.finalize()
-            st.pending_tokens += 1
-            if st.req.logprobs:
-                st.pending_lp.append(token_logprob(self.tokenizer, r.logprobs, r.token,
-                                                   st.req.top_logprobs))
+            st.pending.add(logprob=token_logprob(self.tokenizer, r.logprobs, r.token,
+                                                 st.req.top_logprobs) if st.req.logprobs else None)
         out = st.stop_text.feed(st.detok.last_segment)
         if st.stop_text.stopped:
             finish = "stop"
         elif finish == "length" or (finish == "stop" and r.token in self.tokenizer.eos_token_ids):
             out += st.stop_text.flush()  # a held-back partial stop string was real text
-        if out or (finish and st.pending_tokens):
-            emit(Chunk(id=st.req.id, text=out, tokens=st.pending_tokens,
-                       logprobs=st.pending_lp or None))
-            st.pending_tokens = 0
-            st.pending_lp = []
+        st.pending.flush(st.req.id, out, bool(finish), emit)
         return str(finish) if finish else None
 
     def _maybe_idle(self) -> None:

@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from mlx_lm.utils import sharded_load
 
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
-    Chunk,
     Done,
     Embed,
     Error,
@@ -57,13 +56,12 @@ from mlx_supervisor.shared.protocol import (
     Memory,
     RankInfo,
     Started,
-    TokenLogprob,
     decode_to_worker,
     encode,
 )
 from mlx_supervisor.worker.engine import Emit, LoadInfo
 from mlx_supervisor.worker.lm_prompt import prepare
-from mlx_supervisor.worker.lm_sampling import StopText, sampler_for, token_logprob
+from mlx_supervisor.worker.lm_sampling import Pending, StopText, sampler_for, token_logprob
 from mlx_supervisor.worker.sharding import ShardSpec, env_rank
 
 log = logging.getLogger("mlx_supervisor.worker")
@@ -177,8 +175,7 @@ class _Current:
     prompt_tokens: int
     stop_text: StopText
     cancelled: bool = False
-    pending_tokens: int = 0
-    pending_lp: list[TokenLogprob] | None = None
+    pending: Pending = field(default_factory=Pending)
 
 
 class ShardedEngine:
@@ -270,10 +267,8 @@ class ShardedEngine:
         finish = r.finish_reason
         eos = finish == "stop"
         if not eos:
-            cur.pending_tokens += 1
-            if cur.req.logprobs:
-                cur.pending_lp = (cur.pending_lp or []) + [
-                    token_logprob(self.tokenizer, r.logprobs, r.token, cur.req.top_logprobs)]
+            cur.pending.add(logprob=token_logprob(self.tokenizer, r.logprobs, r.token,
+                                                  cur.req.top_logprobs) if cur.req.logprobs else None)
         out = cur.stop_text.feed(r.text)
         if cur.stop_text.stopped:
             if finish is None:
@@ -281,10 +276,7 @@ class ShardedEngine:
             finish = "stop"
         elif finish is not None:
             out += cur.stop_text.flush()
-        if out or (finish and cur.pending_tokens):
-            emit(Chunk(id=cur.req.id, text=out, tokens=cur.pending_tokens,
-                       logprobs=cur.pending_lp))
-            cur.pending_tokens, cur.pending_lp = 0, None
+        cur.pending.flush(cur.req.id, out, finish is not None, emit)
         if finish is not None:
             cur.it.close()
             self.cur = None

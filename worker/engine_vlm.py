@@ -41,17 +41,15 @@ import mlx.core as mx
 import msgspec
 
 from mlx_supervisor.shared.protocol import (
-    Chunk,
     Done,
     Embed,
     Error,
     Generate,
     Memory,
     Started,
-    TokenLogprob,
 )
 from mlx_supervisor.worker.engine import Emit, LoadInfo
-from mlx_supervisor.worker.lm_sampling import StopText, token_logprob
+from mlx_supervisor.worker.lm_sampling import Pending, StopText, token_logprob
 from mlx_supervisor.worker.validation import (
     bad_request,
     check_generate,
@@ -78,8 +76,7 @@ class _Running:
     prompt_tokens: int
     stop_text: StopText
     completion: int = 0
-    pending_tokens: int = 0
-    pending_lp: list[TokenLogprob] = field(default_factory=list)
+    pending: Pending = field(default_factory=Pending)
 
 
 class VLMEngine:
@@ -273,20 +270,15 @@ class VLMEngine:
         st.completion += new
         finish = r.finish_reason
         if new and finish != "stop" and r.token is not None:
-            st.pending_tokens += new
-            if st.req.logprobs and r.logprobs is not None:
-                st.pending_lp.append(token_logprob(self._tokenizer, r.logprobs, int(r.token),
-                                                   st.req.top_logprobs))
+            st.pending.add(new, token_logprob(self._tokenizer, r.logprobs, int(r.token),
+                                              st.req.top_logprobs)
+                           if st.req.logprobs and r.logprobs is not None else None)
         out = st.stop_text.feed(r.text or "")
         if st.stop_text.stopped:
             finish = "stop"
         elif finish is not None:
             out += st.stop_text.flush()  # a held-back partial stop string was real text
-        if out or (finish and st.pending_tokens):
-            emit(Chunk(id=st.req.id, text=out, tokens=st.pending_tokens,
-                       logprobs=st.pending_lp or None))
-            st.pending_tokens = 0
-            st.pending_lp = []
+        st.pending.flush(st.req.id, out, finish is not None, emit)
         return str(finish) if finish else None
 
     def _finish_generator(self) -> None:

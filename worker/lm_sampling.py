@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
-from mlx_supervisor.shared.protocol import Generate, TokenLogprob
+from mlx_supervisor.shared.protocol import Chunk, Generate, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -104,3 +104,26 @@ class StopText:
             return ""
         self._state, buf, _ = TextStateMachine.flush(self._state)
         return str(buf)
+
+
+class Pending:
+    """Tokens decoded since a request's last Chunk. Text can be held back (a partial stop string)
+    while tokens keep counting, so a Chunk goes out when there is text, or at the end to carry
+    the count; shared by the lm, vlm and sharded engines."""
+
+    __slots__ = ("logprobs", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.logprobs: list[TokenLogprob] = []
+
+    def add(self, n: int = 1, logprob: TokenLogprob | None = None) -> None:
+        self.tokens += n
+        if logprob is not None:
+            self.logprobs.append(logprob)
+
+    def flush(self, req_id: str, text: str, finished: bool, emit: Callable[[Chunk], None]) -> None:
+        if text or (finished and self.tokens):
+            emit(Chunk(id=req_id, text=text, tokens=self.tokens, logprobs=self.logprobs or None))
+            self.tokens = 0
+            self.logprobs = []
