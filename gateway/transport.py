@@ -157,6 +157,8 @@ class Transport:
             log.warning("dropped a frame with %d parts", len(frames))
             return
         wid, payload = frames
+        if wid.endswith(p.DATA_SUFFIX):  # the worker's MLX-thread socket: same worker
+            wid = wid[: -len(p.DATA_SUFFIX)]
         if wid not in self._known:
             self.dropped += 1
             log.warning("dropped a message from unknown routing id %r", wid[:64])

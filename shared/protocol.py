@@ -198,6 +198,11 @@ def decode_from_worker(data: bytes) -> FromWorker:
     return _from_worker.decode(data)
 
 
+# A worker's second DEALER, owned by its MLX thread, carries the per-request replies (Started,
+# Chunk, Done, Embeddings, Error) straight to the gateway under ``worker_id + DATA_SUFFIX``: no hop
+# through the io thread (and no GIL hand-off) per token. NUL cannot occur in a model id.
+DATA_SUFFIX = b"\x00data"
+
 # Exit codes a worker reserves so the gateway can tell why it ended (as gunicorn does at boot).
 EXIT_LOAD_FAILED = 3
 EXIT_PARENT_GONE = 4

@@ -131,7 +131,9 @@ class WorkerFactory:
             if left <= 0 or not self.router.poll(int(left * 1000), zmq.POLLIN):
                 return None
             wid, data = self.router.recv_multipart()
-            self._pending.setdefault(wid.decode(), []).append(decode_from_worker(data))
+            # A worker's per-request replies arrive on its second (data) socket: same worker.
+            self._pending.setdefault(wid.decode().split("\x00")[0], []).append(
+                decode_from_worker(data))
         return queue.pop(0)
 
     def spawn(self, model_id: str = "m", kind: str = "fake", path: str | Path | None = None, *,

@@ -32,6 +32,7 @@ import psutil
 import zmq
 
 from mlx_supervisor.shared.protocol import (
+    DATA_SUFFIX,
     EXIT_PARENT_GONE,
     Heartbeat,
     Hello,
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind(OUT_ADDR)
 
-    mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id)
+    mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id, endpoint=args.endpoint,
+                    data_id=args.worker_id.encode() + DATA_SUFFIX)
     mlx.start()
     dealer.send(encode(Hello(pid=os.getpid())))
     log.info("hello sent to %s as %s", args.endpoint, args.worker_id)

@@ -51,10 +51,14 @@ class MLXThread(threading.Thread):
     """Runs the engine. Public, thread-safe surface: ``inbox.put(msg)``, ``snapshot``,
     ``inflight_count``, ``queued_count``."""
 
-    def __init__(self, zctx: zmq.Context, out_addr: str, on_model_id=None) -> None:
+    def __init__(self, zctx: zmq.Context, out_addr: str, on_model_id=None,
+                 endpoint: str | None = None, data_id: bytes | None = None) -> None:
         super().__init__(name="mlx", daemon=True)
         self.zctx = zctx
         self.out_addr = out_addr
+        self.endpoint = endpoint
+        self.data_id = data_id
+        self._data: zmq.Socket | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.snapshot = Memory()
         """Latest MLX memory reading, replaced whole (an atomic reference swap)."""
@@ -88,7 +92,10 @@ class MLXThread(threading.Thread):
             else:
                 log.info("%s embeddings n=%d dims=%d", msg.id, len(msg.vectors), msg.dims)
         assert self._push is not None
-        self._push.send(encode(msg))
+        # Per-request replies go straight to the gateway; lifecycle messages (Ready,
+        # LoadFailed) go through the io thread, which decides when the process ends.
+        sock = self._data if self._data is not None and hasattr(msg, "id") else self._push
+        sock.send(encode(msg))
 
     def _exit(self, code: int) -> None:
         assert self._push is not None
@@ -107,6 +114,11 @@ class MLXThread(threading.Thread):
         self._push = self.zctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self.out_addr)
+        if self.endpoint is not None and self.data_id is not None:
+            self._data = self.zctx.socket(zmq.DEALER)
+            self._data.setsockopt(zmq.IDENTITY, self.data_id)
+            self._data.setsockopt(zmq.LINGER, 500)  # flush the last replies before exit
+            self._data.connect(self.endpoint)
         try:
             self._run()
         except Exception:
@@ -115,6 +127,8 @@ class MLXThread(threading.Thread):
                 self.emit(Error(id=rid, message="worker MLX thread died", status=500))
             self._exit(1)
         finally:
+            if self._data is not None:
+                self._data.close()
             self._push.close()
 
     def _run(self) -> None:
