@@ -27,7 +27,8 @@ class Gateway:
     def __init__(self, cfg: Config, sup: Supervisor):
         self.cfg = cfg
         self.sup = sup
-        self.observers: list[Observer] = []
+        self.observers: list[Observer] = [self._forget_finished]
+        self.active_ids: set[str] = set()  # request ids in flight (a stream and a ledger row each)
         self.warnings: list[str] = []
         self.image_fetcher: Callable[[list[str]], Any] | None = None
         self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
@@ -44,6 +45,10 @@ class Gateway:
             raise APIError(404, f"model {name[:200]!r} does not exist; available models: {avail}",
                            param="model", code="model_not_found")
         return self.sup.slots[mid].entry
+
+    def _forget_finished(self, event: str, outcome: Outcome) -> None:
+        if event == "finished":
+            self.active_ids.discard(outcome.request_id)
 
     def observe(self, event: str, outcome: Outcome) -> None:
         for fn in self.observers:

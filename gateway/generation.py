@@ -44,6 +44,12 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        # A cancel that lands just as a lease is granted can be swallowed (asyncio.wait_for on
+        # 3.11): the work then finishes anyway, and what it produced must be let go.
+        if not task.cancelled() and task.exception() is None:
+            close = getattr(task.result(), "close", None)
+            if callable(close):
+                close()
         raise APIError(499, "client disconnected", code="client_disconnected")
     return task.result()
 
@@ -98,7 +104,9 @@ class Run:
 
     async def start(self) -> None:
         """Send the request; raise the worker's early error (bad prompt) as a proper HTTP error."""
-        if not self.sup.transport.send(self.lease.worker_id, self.msg):
+        # A worker reaped between the grant and now failed no stream of ours: don't wait on it.
+        if self.lease.worker_id not in self.sup.workers or \
+                not self.sup.transport.send(self.lease.worker_id, self.msg):
             self.close()
             raise APIError(503, f"worker for model {self.lease.model_id!r} is not reachable",
                            code="worker_unreachable", retry_after=1)
@@ -148,6 +156,10 @@ class Run:
         o = self.outcome
         o.error, o.error_type = error.message, error.code
         o.status = "cancelled" if error.code == "cancelled" else "failed"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self, error: p.Error | None = None) -> None:
         if self._closed:

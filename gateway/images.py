@@ -49,7 +49,10 @@ def _from_data_url(url: str, cfg: VisionConfig) -> bytes:
 
 
 def _from_file(url: str, cfg: VisionConfig) -> bytes:
-    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).resolve()
+    raw = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if "\x00" in raw:
+        raise _bad("file:// image paths must not contain NUL")
+    path = Path(raw).resolve()
     allowed = [Path(d).expanduser().resolve() for d in cfg.image_dirs]
     if not any(path.is_relative_to(d) for d in allowed):
         raise _bad("file:// images must be inside one of the configured vision.image_dirs"

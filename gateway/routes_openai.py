@@ -30,23 +30,34 @@ def _gw(request: Request) -> Gateway:
 async def _start(request: Request, gw: Gateway, model_id: str, route: str,
                  msg: p.Generate | p.Embed) -> Run:
     """Queue for a worker, send the request, wait for its first reply; all cancellable by disconnect."""
+    # The request id keys the worker's stream and the ledger row: two live requests must not
+    # share one (a client may reuse x-request-id). Checked and claimed with no await between.
+    if msg.id in gw.active_ids:
+        raise APIError(409, f"a request with id {msg.id!r} is already in flight; send a unique "
+                       "x-request-id", param="x-request-id", code="duplicate_request_id")
+    gw.active_ids.add(msg.id)
     outcome = Outcome(request_id=msg.id, model=model_id, route=route,
                       t_received=request.state.t_received)
     outcome.client, outcome.body = (request.client.host if request.client else None), msg
     request.state.outcome = outcome
     gw.observe("queued", outcome)
+    runs: list[Run] = []
 
     async def go() -> Run:
         lease = await gw.sup.acquire(model_id, msg.id)
         run = Run(gw.sup, lease, msg, outcome, gw.observers)
+        runs.append(run)
         await run.start()
         return run
 
     try:
         return await until_disconnect(request, go())
-    except APIError as e:
-        outcome.status = "cancelled" if e.status == 499 else "failed"
-        outcome.error, outcome.error_type = e.message, e.code
+    except BaseException as e:
+        if runs and runs[0].closed:
+            raise  # the run already reported how it finished
+        outcome.status = "cancelled" if not isinstance(e, APIError) or e.status == 499 else "failed"
+        if isinstance(e, APIError):
+            outcome.error, outcome.error_type = e.message, e.code
         outcome.t_finished = time.time()
         gw.observe("finished", outcome)
         raise

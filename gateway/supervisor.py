@@ -98,7 +98,6 @@ class Supervisor(AdminCommands, Upkeep):
         self.events.put_nowait(Acquire(model_id, waiter))
         try:
             lease: Lease = await asyncio.wait_for(asyncio.shield(waiter.fut), self.cfg.queue_timeout)
-            return lease
         except asyncio.TimeoutError:
             self.events.put_nowait(Abandon(model_id, waiter))
             raise APIError(503, f"model {model_id!r} did not become available within "
@@ -107,6 +106,12 @@ class Supervisor(AdminCommands, Upkeep):
         except asyncio.CancelledError:
             self.events.put_nowait(Abandon(model_id, waiter))
             raise
+        task = asyncio.current_task()
+        if task is not None and getattr(task, "cancelling", lambda: 0)():
+            # Cancelled as the grant landed (wait_for returned the result): hand it back.
+            self.events.put_nowait(Abandon(model_id, waiter))
+            raise asyncio.CancelledError
+        return lease
 
     async def load(self, model_id: str, pin: bool | None = None) -> Worker:
         fut = asyncio.get_running_loop().create_future()
@@ -293,6 +298,10 @@ class Supervisor(AdminCommands, Upkeep):
 
     def _admit(self, slot: Slot) -> None:
         """Make room for ``slot``'s model and spawn it, or fail its waiters with the reason."""
+        if self.closing:
+            self._fail_waiters(slot, APIError(503, "server is shutting down", code="shutting_down"))
+            slot.pending_admission = False
+            return
         if slot.worker is not None and slot.worker.state is not State.DRAINING:
             return  # already starting or hot
         if slot.respawn_at > time.monotonic():
@@ -384,11 +393,14 @@ class Supervisor(AdminCommands, Upkeep):
             self._forget(w)
             return
         if ev.proc is None:
-            slot = self.slots[w.model_id]
-            self._record_crash(slot, ev.error or "spawn failed")
             transition(w, State.CRASHED, ev.error or "spawn failed")
             self._forget(w)
-            self._fail_waiters(slot, APIError(503, ev.error or "spawn failed", code="model_failed"))
+            slot = self.slots.get(w.model_id)
+            if slot is not None and slot.worker is w:
+                slot.worker = None
+                self._record_crash(slot, ev.error or "spawn failed")
+                self._fail_waiters(slot, APIError(503, ev.error or "spawn failed", code="model_failed"))
+            self._retry_admissions()
             return
         w.proc = ev.proc
         w.pid = ev.proc.pid

@@ -58,6 +58,9 @@ class AdminCommands:
         if slot is None:
             ev.fut.set_exception(APIError(404, f"model {ev.model_id!r} does not exist", code="model_not_found"))
             return
+        if self.closing:
+            ev.fut.set_exception(APIError(503, "server is shutting down", code="shutting_down"))
+            return
         if ev.pin is not None:
             slot.pinned = ev.pin
         err = self._failed_error(slot)
@@ -77,6 +80,9 @@ class AdminCommands:
             return
         slot.pinned = False
         slot.pending_admission = False
+        # Whoever waits for this model to load would bring it straight back: tell them instead.
+        self._fail_waiters(slot, APIError(503, f"model {ev.model_id!r} was unloaded by an operator",
+                                          code="model_unloaded", retry_after=1))
         w = slot.worker
         if w is None:
             ev.fut.set_result(None)

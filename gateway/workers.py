@@ -47,10 +47,12 @@ class Worker:
     def bytes(self) -> int:
         """What the ledger charges: the measured footprint once known, else the estimate; an
         explicit ``memory`` in config is a reservation and is charged at least."""
-        if self.memory is not None and self.state is not State.STARTING:
-            m = self.memory.footprint
-            return max(m, self.estimate) if self.reserved else m
-        return self.estimate
+        if self.memory is None:
+            return self.estimate
+        m = self.memory.footprint
+        if self.state in (State.STARTING, State.LOADING) or self.reserved:
+            return max(m, self.estimate)  # a partial load must not free room it will need
+        return m
 
     @property
     def hot(self) -> bool:

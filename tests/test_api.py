@@ -200,3 +200,20 @@ def test_request_id_is_echoed_and_logged_by_gateway_and_worker(client: openai.Op
     assert any("[demo pid=" in ln for ln in lines), lines  # the worker's own line
     gen = client.chat.completions.with_raw_response.create(model="demo", messages=MSG, max_tokens=1)
     assert gen.headers["x-request-id"].startswith("req-")
+
+
+def test_a_request_id_already_in_flight_is_refused(srv: ServerProcess) -> None:
+    h = {"Authorization": f"Bearer {KEY}", "x-request-id": "same-id-twice"}
+    body = {"model": "demo", "messages": MSG, "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + "/v1/chat/completions",
+                                                 json=body, headers=h) as first:
+        lines = first.iter_lines()
+        next(lines)
+        second = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False},
+                            headers=h, timeout=60)
+        assert second.status_code == 409 and second.json()["error"]["code"] == "duplicate_request_id"
+        rest = list(lines)
+    assert "data: [DONE]" in rest  # the first one was untouched
+    again = httpx.post(srv.url + "/v1/chat/completions", headers=h, timeout=60,
+                       json={**body, "stream": False, "max_tokens": 2})
+    assert again.status_code == 200  # free again once it finished

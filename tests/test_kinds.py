@@ -128,7 +128,7 @@ def test_wrong_kind_is_a_400_naming_the_kind(client: openai.OpenAI, srv: ServerP
 
 def test_bad_images_are_refused_before_any_load(client: openai.OpenAI, srv: ServerProcess) -> None:
     cases = ["data:image/png;base64,!!!notbase64", "data:image/png;base64," + base64.b64encode(b"hello").decode(),
-             "file:///etc/passwd", "http://127.0.0.1:9/x.png", "ftp://x/y.png"]
+             "file:///etc/passwd", "file:///tmp/%00x.png", "http://127.0.0.1:9/x.png", "ftp://x/y.png"]
     for url in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [

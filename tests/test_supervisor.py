@@ -218,3 +218,45 @@ def test_admin_load_pin_and_unload() -> None:
         assert chat(srv, "b").choices[0].message.content
         snap = ps(srv)
         assert snap["budget_bytes"] == 150 * MB and snap["used_bytes"] > 0
+
+
+def test_a_worker_that_cannot_even_be_spawned_fails_fast_every_time() -> None:
+    # An environment too large for execve (E2BIG): the spawn itself fails, with no process.
+    models = {"unspawnable": fake(HUGE="x" * 300_000), "ok": fake()}
+    with ServerProcess(models, {"queue_timeout": 30, "max_crashes": 5}) as srv:
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as e:
+                chat(srv, "unspawnable")
+            assert e.value.status_code == 503 and "could not start worker" in str(e.value)
+            assert time.monotonic() - t0 < 10  # never a wait for queue_timeout
+        assert chat(srv, "ok").choices[0].message.content
+
+
+def test_unload_during_a_load_tells_the_loader_and_leaves_the_model_cold() -> None:
+    with ServerProcess({"slow": fake(FAKE_LOAD_SECONDS=3)}) as srv:
+        result: dict[str, Any] = {}
+
+        def load() -> None:
+            result["r"] = httpx.post(srv.url + "/admin/models/slow/load", timeout=30)
+
+        t = threading.Thread(target=load)
+        t.start()
+        wait_for(lambda: hot(srv).get("slow"))
+        assert httpx.post(srv.url + "/admin/models/slow/unload", timeout=30).status_code == 200
+        t.join()
+        assert result["r"].status_code == 503 and "unloaded" in result["r"].text
+        time.sleep(0.5)
+        assert "slow" not in hot(srv)
+
+
+def test_a_loading_worker_is_charged_at_least_its_estimate() -> None:
+    from mlx_supervisor.gateway.states import State
+    from mlx_supervisor.gateway.workers import Worker
+    from mlx_supervisor.shared.protocol import Memory
+
+    w = Worker(model_id="m", worker_id="m#1", estimate=1000, kind="lm", state=State.LOADING,
+               memory=Memory(active=10, rss=20))
+    assert w.bytes == 1000  # a partial load must not free the room it is about to need
+    w.state = State.READY
+    assert w.bytes == 20  # once ready, the measurement replaces the estimate
