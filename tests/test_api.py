@@ -217,3 +217,13 @@ def test_a_request_id_already_in_flight_is_refused(srv: ServerProcess) -> None:
     again = httpx.post(srv.url + "/v1/chat/completions", headers=h, timeout=60,
                        json={**body, "stream": False, "max_tokens": 2})
     assert again.status_code == 200  # free again once it finished
+
+
+def test_logit_bias_outside_the_tokenizer_is_a_400(client: openai.OpenAI, demo_model_dir: Path) -> None:
+    import json
+
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=MSG, max_tokens=2,
+                                       logit_bias={str(vocab + 5): 100})
+    assert "logit_bias" in str(e.value)

@@ -134,3 +134,10 @@ def test_bad_images_are_refused_before_any_load(client: openai.OpenAI, srv: Serv
             client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}]}])
         assert e.value.body["code"] == "invalid_image", url  # type: ignore[index]
+
+
+def test_a_negative_seed_on_a_vision_model_is_served(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="vlm", max_tokens=2, seed=-1, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                     {"type": "image_url", "image_url": {"url": _png_data_url()}}]}])
+    assert r.choices[0].finish_reason in ("stop", "length")

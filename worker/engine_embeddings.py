@@ -170,7 +170,8 @@ class EmbeddingsEngine:
             self._jobs.popleft()
             emit(self._answer(job))
         except Exception as exc:  # a failed pass fails its request, never the worker
-            self._jobs.popleft()
+            if self._jobs and self._jobs[0] is job:
+                self._jobs.popleft()
             emit(Error(id=job.req.id, message=f"embedding failed: {exc}", status=500))
 
     # ------------------------------------------------------------------ internals

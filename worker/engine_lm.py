@@ -134,12 +134,12 @@ class LMEngine:
         processors = make_logits_processors(req.logit_bias, req.repetition_penalty, 20,
                                             req.presence_penalty, 20, req.frequency_penalty, 20)
         assert self.gen is not None
+        detok, stop_text = self.tokenizer.detokenizer, StopText(list(stops))
         (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
                                  all_tokens=[ids[:cached]],
                                  samplers=[sampler_for(req, self.vocab_size)],
                                  logits_processors=[processors], stop_sequences=[stop_seqs])
-        self.running[uid] = _Running(req, uid, len(ids), cached, self.tokenizer.detokenizer,
-                                     StopText(list(stops)))
+        self.running[uid] = _Running(req, uid, len(ids), cached, detok, stop_text)
         self.by_id[req.id] = uid
         log.info("%s started prompt=%d cached=%d max_tokens=%d", req.id, len(ids), cached,
                  max_tokens)
@@ -168,7 +168,10 @@ class LMEngine:
                 emit(Error(id=failed.req.id, message=f"generation failed: {e}", status=500))
             self.running.clear()
             self.by_id.clear()
-            self.gen.close()
+            try:
+                self.gen.close()
+            except Exception:
+                log.exception("closing the failed batch generator failed")
             self._new_generator()
             return
         stopped_by_text: list[int] = []
@@ -176,7 +179,16 @@ class LMEngine:
             st = self.running.get(r.uid)
             if st is None:
                 continue
-            finish = self._advance(st, r, emit)
+            try:
+                finish = self._advance(st, r, emit)
+            except Exception as e:  # this request's text handling failed: end it alone
+                log.exception("%s failed while decoding", st.req.id)
+                emit(Error(id=st.req.id, message=f"generation failed: {e}", status=500))
+                del self.running[r.uid]
+                self.by_id.pop(st.req.id, None)
+                if r.finish_reason is None:
+                    stopped_by_text.append(r.uid)
+                continue
             if finish is None:
                 continue
             if r.finish_reason is None:

@@ -197,7 +197,15 @@ class VLMEngine:
         if self.running is None:
             if not self.queue:
                 return
-            if not self._start(self.queue.popleft(), emit):
+            job = self.queue.popleft()
+            try:
+                started = self._start(job, emit)
+            except Exception as e:  # this request could not start: fail it alone
+                log.exception("%s could not start", job.req.id)
+                self._finish_generator()
+                emit(Error(id=job.req.id, message=f"generation failed: {e}", status=500))
+                return
+            if not started:
                 return
         st = self.running
         assert st is not None
@@ -245,7 +253,7 @@ class VLMEngine:
             emit(err)
             return False
         if req.seed is not None:
-            mx.random.seed(req.seed)  # for samplers mlx-vlm does not key by seed (min_p)
+            mx.random.seed(req.seed & 0xFFFFFFFFFFFFFFFF)  # for samplers mlx-vlm does not key by seed
         gen = stream_generate(
             self.model, self.processor, "", input_ids=input_ids,
             pixel_values=inputs.pop("pixel_values", None),

@@ -34,6 +34,9 @@ def tokenize(tokenizer: Any, req: Generate) -> list[int]:
 def prepare(req: Generate | Embed, tokenizer: Any, vocab_size: int,
             context_length: int) -> tuple[list[int], int] | Error:
     """``(prompt ids, max_tokens clamped to the context)``, or the Error to answer with."""
+    # Config vocab sizes are often padded past the tokenizer: a sampled id the tokenizer lacks
+    # would crash its streaming detokenizer, so ids must be valid for both.
+    vocab_size = min(vocab_size, len(tokenizer)) if hasattr(tokenizer, "__len__") else vocab_size
     if isinstance(req, Embed):
         return bad_request(req.id, "this model generates text; it does not embed",
                            code="model_not_supported")
