@@ -97,6 +97,9 @@ class EmbeddingsEngine:
             getattr(config, "max_position_embeddings", 0)
             or min(getattr(self._tokenizer, "model_max_length", 512), 8192)
         )
+        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            # RoBERTa numbers positions from padding_idx + 1: the table holds that many fewer.
+            limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
         self._max_len = min(self._max_len or limit, limit)
         self._vocab = int(getattr(config, "vocab_size", 0) or len(self._tokenizer))
         self._pad_id = int(getattr(self._tokenizer, "pad_token_id", None) or 0)

@@ -8,11 +8,13 @@ Messages: ``Hello`` first; then ``Ready`` or ``LoadFailed`` (exit 3); a spare (`
 imports done, no model) waits for ``Load`` first. Requests get ``Started``, ``Chunk``s and one
 ``Done`` or ``Error``. After ``Cancel`` nothing more is sent for that id (chunks already in the
 pipe may still arrive; a request that had finished has had its Done). ``Shutdown`` answers each
-request in flight with ``Error(503, "worker_shutdown")`` and exits 0. ``Ping`` only counts as
+request in flight with ``Error(503, "worker_shutdown")`` and exits 0; if the MLX thread is stuck
+in one long step for ``SHUTDOWN_GRACE`` s, the process exits 0 without those replies and the
+gateway ends the requests itself (``transport.fail_worker``). ``Ping`` only counts as
 gateway liveness. ``Heartbeat`` every ``--heartbeat-interval`` s, whatever the MLX thread does.
 
-The io (main) thread alone touches the gateway's DEALER socket: it forwards what the MLX thread
-pushes, queues what the gateway sends, sends heartbeats on time even while the MLX thread is
+The io (main) thread alone touches the gateway's lifecycle DEALER: it forwards what the MLX thread
+pushes (Ready, LoadFailed; per-request replies leave on the MLX thread's own data DEALER), queues what the gateway sends, sends heartbeats on time even while the MLX thread is
 busy loading or decoding, and decides when the process ends. Exit codes: 0 after Shutdown,
 ``EXIT_LOAD_FAILED`` (3) after a failed load, ``EXIT_PARENT_GONE`` (4) when the gateway went away
 (re-parented, or silent for ``--gateway-timeout`` s), ``EXIT_BAD_ARGS`` (2) from argparse.
