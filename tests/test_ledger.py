@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mlx_supervisor.gateway import testing
 from mlx_supervisor.gateway.generation import Outcome
 from mlx_supervisor.gateway.ledger import Ledger, LedgerError, Query
 from mlx_supervisor.shared import protocol as p
@@ -30,13 +31,7 @@ def rows(path: Path) -> dict[str, str]:
 
 
 def wait_for(cond: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return testing.wait_for(cond, timeout, step=0.02)
 
 
 @pytest.fixture

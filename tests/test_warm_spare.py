@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing import ServerProcess, wait_for
 
 
 def _ps(srv: ServerProcess) -> dict[str, Any]:
@@ -25,13 +25,7 @@ def _spare(srv: ServerProcess, ready: bool = True) -> dict[str, Any] | None:
 
 
 def _wait(cond: Any, timeout: float = 90.0) -> Any:  # imports take long on a loaded box
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+    return wait_for(cond, timeout)
 
 
 def test_a_load_adopts_the_warm_spare_and_a_new_one_follows(demo_model_dir: Path) -> None:
