@@ -124,25 +124,19 @@ class Transport:
         sync: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         while True:
             try:
-                frames = await self._sock.recv_multipart()
-            except asyncio.CancelledError:
-                raise
+                self._dispatch_safely(await self._sock.recv_multipart())
+                # Take what else has already arrived in one bounded burst (each asyncio receive
+                # costs tens of microseconds), then yield: an awaited receive that finds a message
+                # ready never yields, so a fast worker would otherwise starve the SSE routes.
+                for _ in range(RECV_BURST):
+                    try:
+                        frames = sync.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._dispatch_safely(frames)
             except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
                 log.error("transport receive failed: %s", e)
                 return
-            self._dispatch_safely(frames)
-            # Take what else has already arrived in one bounded burst (each asyncio receive costs
-            # tens of microseconds), then yield: an awaited receive that finds a message ready
-            # never yields, so a fast worker would otherwise starve the routes writing SSE.
-            for _ in range(RECV_BURST):
-                try:
-                    frames = sync.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as e:  # pragma: no cover - socket closed under us
-                    log.error("transport receive failed: %s", e)
-                    return
-                self._dispatch_safely(frames)
             await asyncio.sleep(0)
 
     def _dispatch_safely(self, frames: list[bytes]) -> None:
