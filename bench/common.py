@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing import ServerProcess, free_port
+from mlx_supervisor.gateway.testing import ServerProcess, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -112,15 +112,11 @@ class MLXLMServer:
             [PY, "-m", "mlx_lm.server", "--model", str(self.model), "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "WARNING", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mlx_lm.server exited with {self.proc.returncode}:\n{err[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            time.sleep(0.02)
+        if wait_healthy(self.proc, self.url + "/health", timeout, step=0.02):
+            return self
+        if self.proc.poll() is not None:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise RuntimeError(f"mlx_lm.server exited with {self.proc.returncode}:\n{err[-4000:]}")
         self.stop()
         raise RuntimeError("mlx_lm.server did not come up")
 

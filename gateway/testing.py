@@ -21,6 +21,18 @@ import httpx
 import psutil
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float,
+                 step: float = 0.05) -> bool:
+    """True once ``url`` answers 200; False as soon as ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return True
+        time.sleep(step)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,14 +97,10 @@ class ServerProcess:
             [sys.executable, "-m", "mlx_supervisor.gateway.cli", "--config", str(self.config), "serve",
              *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            time.sleep(0.05)
+        if wait_healthy(self.proc, self.url + "/health", self.ready_timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
         self.stop()
         raise RuntimeError(f"gateway did not answer /health within {self.ready_timeout}s:\n{self.log()}")
 
