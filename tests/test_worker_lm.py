@@ -177,3 +177,88 @@ def test_every_sampling_option_in_one_batch(engine: LMEngine):
     assert done(out["f"]).completion_tokens == 12 and done(out["p"]).completion_tokens == 12
     (err,) = run(engine, Generate(id="i", prompt="x", images=[b"png"]))["i"]
     assert isinstance(err, Error) and err.status == 400
+
+
+def run_joined(engine: LMEngine, first: Generate, later: Generate, after: int) -> dict[str, list]:
+    """``first`` alone; ``later`` is submitted once ``first`` has made ``after`` steps."""
+    out: dict[str, list] = {first.id: [], later.id: []}
+
+    def emit(m) -> None:
+        out[m.id].append(m)
+
+    engine.submit(first, emit)
+    assert engine.solo is not None  # an idle engine decodes a lone request outside the batch
+    for _ in range(after):
+        engine.step(emit)
+    assert engine.solo is not None, "first ended before the second arrived"
+    engine.submit(later, emit)
+    assert engine.solo is None
+    while engine.has_work():
+        engine.step(emit)
+    assert not engine.running and not engine.by_id
+    return out
+
+
+@pytest.mark.parametrize("after", [1, 2, 7])
+def test_a_lone_request_joins_the_batch_exactly(engine: LMEngine, after: int):
+    a = Generate(id="a", prompt="Once upon a time", max_tokens=24, temperature=0.0)
+    b = greedy("b", max_tokens=16)
+    alone = run(engine, a)["a"]
+    out = run_joined(engine, a, b, after)
+    assert text(out["a"]) == text(alone) and text(out["b"]) == text(run(engine, b)["b"])
+    assert done(out["a"]).completion_tokens == 24 == sum(
+        m.tokens for m in out["a"] if isinstance(m, Chunk))
+
+
+def test_a_seeded_request_reproduces_across_the_handover(engine: LMEngine):
+    s = Generate(id="s", prompt="Hello world", max_tokens=24, temperature=1.0, top_p=0.95,
+                 seed=11)
+    alone = text(run(engine, s)["s"])
+    noise = Generate(id="n", messages=CHAT, max_tokens=30, temperature=1.0)
+    assert text(run_joined(engine, s, noise, 5)["s"]) == alone
+
+
+def test_a_long_prompt_prefills_in_slices_and_joins_mid_prefill(engine: LMEngine):
+    ids = [3 + (i * 7) % 500 for i in range(1300)]  # > 2 slices of prefill_step_size (512)
+    a = Generate(id="a", prompt_ids=ids, max_tokens=10, temperature=0.0)
+    b = greedy("b", max_tokens=8)
+    engine.prompt_cache = type(engine.prompt_cache)(max_size=10)  # no help from earlier tests
+    alone = run(engine, a)["a"]
+    engine.prompt_cache = type(engine.prompt_cache)(max_size=10)
+    out = run_joined(engine, a, b, 1)  # one slice fed, then b arrives
+    assert text(out["a"]) == text(alone) and done(out["a"]).completion_tokens == 10
+    assert text(out["b"]) == text(run(engine, b)["b"])
+
+
+def test_penalties_see_the_cached_prefix_alone_as_in_the_batch(engine: LMEngine):
+    tok = engine.tokenizer
+    prefix = tok.encode("Hello there") + tok.encode("hohoho")  # greedy goes on with "ho"
+    run(engine, Generate(id="t", prompt_ids=prefix, max_tokens=2, temperature=0.0))
+    follow = Generate(id="f", prompt_ids=prefix + [42], max_tokens=6, temperature=0.0,
+                      frequency_penalty=50.0)  # bans what the context holds, "ho" included
+    alone = run(engine, follow)["f"]
+    batched = run(engine, follow, greedy("x", max_tokens=3))["f"]
+    assert done(alone).cached_tokens == done(batched).cached_tokens == len(prefix)
+    assert text(alone) == text(batched) and "ho" not in text(alone)
+
+
+def test_cancelling_the_lone_request_leaves_the_engine_clean(engine: LMEngine):
+    out = run(engine, greedy("x", max_tokens=200), cancel_after={"x": 3})
+    assert sum(isinstance(m, Chunk) for m in out["x"]) == 3 and engine.solo is None
+    assert done(run(engine, greedy(max_tokens=5))["g"]).completion_tokens == 5
+
+
+def test_an_untrimmable_cache_is_handed_over_for_a_fresh_prefill(engine: LMEngine):
+    from mlx_lm.generate import make_stop_sequences
+    from mlx_lm.models.cache import RotatingKVCache
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_supervisor.worker.lm_solo import Solo
+
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    cache = [RotatingKVCache(max_size=4) for _ in engine.model.layers]  # wraps at once
+    solo = Solo(engine.model, engine.stream, -1, ids, cache, [], 8, make_sampler(0.0), [],
+                make_stop_sequences(engine.tokenizer, []), 512)
+    got = [r.token for _ in range(3) for r in solo.next()]
+    rest, handed, cached, left = solo.handover()
+    assert (rest, handed, cached, left) == (ids + got, None, [], 5)

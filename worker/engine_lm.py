@@ -16,6 +16,9 @@ Decisions worth knowing:
   ``completion_tokens`` counts every generated token, the final stop token included.
 - Prompt cache: mlx-lm's ``LRUPromptCache`` (a token trie); a follow-up turn that shares a
   prefix with an earlier prompt + completion prefills only the rest (``cached_tokens``).
+- A request that arrives to an idle engine is decoded alone with ``generate_step``
+  (:mod:`lm_solo`), at ``stream_generate``'s speed; when a second one arrives it is handed to the
+  batch mid-stream and everything runs batched until the batch drains.
 - Started is sent when the request joins the batch (its prefill starts with the next step).
 - Chunks: one per request per decode step; text held back (a partial stop string or an
   incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
@@ -45,7 +48,14 @@ from mlx_supervisor.shared.protocol import (
 )
 from mlx_supervisor.worker.engine import Emit, LoadInfo
 from mlx_supervisor.worker.lm_prompt import prepare
-from mlx_supervisor.worker.lm_sampling import Pending, StopText, sampler_for, token_logprob
+from mlx_supervisor.worker.lm_sampling import (
+    PENALTY_CONTEXT,
+    Pending,
+    StopText,
+    sampler_for,
+    token_logprob,
+)
+from mlx_supervisor.worker.lm_solo import Solo
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -79,6 +89,8 @@ class LMEngine:
         self.running: dict[int, _Running] = {}
         self.by_id: dict[str, int] = {}
         self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
+        self.solo: Solo | None = None
+        self._solo_uids = 0  # negative, so never a BatchGenerator uid
 
     # ---------------------------------------------------------------- load
 
@@ -103,7 +115,8 @@ class LMEngine:
     def _new_generator(self) -> None:
         # The stream of *this* thread: mlx-lm's default generation stream is thread-local.
         completion, prefill, step = self.batch_sizes
-        self.gen = BatchGenerator(self.model, stream=mx.default_stream(mx.default_device()),
+        self.stream = mx.default_stream(mx.default_device())
+        self.gen = BatchGenerator(self.model, stream=self.stream,
                                   completion_batch_size=completion, prefill_batch_size=prefill,
                                   prefill_step_size=step)
 
@@ -131,25 +144,56 @@ class LMEngine:
             if len(self._stop_seqs) > 100:
                 self._stop_seqs.clear()
             stop_seqs = self._stop_seqs[stops] = make_stop_sequences(self.tokenizer, stops)
-        processors = make_logits_processors(req.logit_bias, req.repetition_penalty, 20,
-                                            req.presence_penalty, 20, req.frequency_penalty, 20)
-        assert self.gen is not None
+        n = PENALTY_CONTEXT
+        processors = make_logits_processors(req.logit_bias, req.repetition_penalty, n,
+                                            req.presence_penalty, n, req.frequency_penalty, n)
+        sampler = sampler_for(req, self.vocab_size)
+        if self.running:
+            self._handover()
+            uid = self._insert(rest, cache, ids[:cached], max_tokens, sampler, processors,
+                               stop_seqs)
+        else:
+            self._solo_uids -= 1
+            uid = self._solo_uids
+            self.solo = Solo(self.model, self.stream, uid, rest, cache, ids[:cached], max_tokens,
+                             sampler, processors, stop_seqs, self.batch_sizes[2])
         detok, stop_text = self.tokenizer.detokenizer, StopText(list(stops))
-        (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
-                                 all_tokens=[ids[:cached]],
-                                 samplers=[sampler_for(req, self.vocab_size)],
-                                 logits_processors=[processors], stop_sequences=[stop_seqs])
         self.running[uid] = _Running(req, uid, len(ids), cached, detok, stop_text)
         self.by_id[req.id] = uid
         log.info("%s started prompt=%d cached=%d max_tokens=%d", req.id, len(ids), cached,
                  max_tokens)
         emit(Started(id=req.id, prompt_tokens=len(ids)))
 
+    def _insert(self, rest: list[int], cache: Any, cached: list[int], max_tokens: int,
+                sampler: Any, processors: list[Any], stop_seqs: StopSequences) -> int:
+        assert self.gen is not None
+        (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
+                                 all_tokens=[cached], samplers=[sampler],
+                                 logits_processors=[processors], stop_sequences=[stop_seqs])
+        return int(uid)
+
+    def _handover(self) -> None:
+        """Move the request decoding alone into the batch, where it goes on exactly."""
+        solo, self.solo = self.solo, None
+        if solo is None:
+            return
+        st = self.running.pop(solo.uid)
+        rest, cache, cached, left = solo.handover()
+        uid = self._insert(rest, cache, cached, left, solo.sampler, solo.processors,
+                           solo.stop_seqs)
+        st.uid = uid
+        self.running[uid] = st
+        self.by_id[st.req.id] = uid
+        log.info("%s joins the batch after %d tokens", st.req.id, st.completion)
+
     def cancel(self, request_id: str, emit: Emit) -> None:
         uid = self.by_id.pop(request_id, None)
         if uid is not None:
             self.running.pop(uid, None)
-            if self.gen is not None:
+            if self.solo is not None and self.solo.uid == uid:
+                self.solo.end()
+                self.solo = None
+            elif self.gen is not None:
                 self.gen.remove([uid])
             self._maybe_idle()
 
@@ -160,19 +204,23 @@ class LMEngine:
 
     def step(self, emit: Emit) -> None:
         assert self.gen is not None
+        solo = self.solo
         try:
-            _, responses = self.gen.next()
+            responses = solo.next() if solo is not None else self.gen.next()[1]
         except Exception as e:
-            log.exception("batch step failed; failing %d requests", len(self.running))
+            log.exception("decode step failed; failing %d requests", len(self.running))
             for failed in self.running.values():
                 emit(Error(id=failed.req.id, message=f"generation failed: {e}", status=500))
             self.running.clear()
             self.by_id.clear()
-            try:
-                self.gen.close()
-            except Exception:
-                log.exception("closing the failed batch generator failed")
-            self._new_generator()
+            self.solo = None
+            if solo is None:
+                try:
+                    self.gen.close()
+                except Exception:
+                    log.exception("closing the failed batch generator failed")
+                self._new_generator()
+            self._maybe_idle()
             return
         stopped_by_text: list[int] = []
         for r in responses:
@@ -184,8 +232,7 @@ class LMEngine:
             except Exception as e:  # this request's text handling failed: end it alone
                 log.exception("%s failed while decoding", st.req.id)
                 emit(Error(id=st.req.id, message=f"generation failed: {e}", status=500))
-                del self.running[r.uid]
-                self.by_id.pop(st.req.id, None)
+                self._forget(st)
                 if r.finish_reason is None:
                     stopped_by_text.append(r.uid)
                 continue
@@ -195,15 +242,23 @@ class LMEngine:
                 stopped_by_text.append(r.uid)
             elif r.prompt_cache is not None:
                 self.prompt_cache.insert_cache(self.key, list(r.all_tokens), r.prompt_cache)
-            del self.running[r.uid]
-            self.by_id.pop(st.req.id, None)
+            self._forget(st)
             emit(Done(id=st.req.id, finish_reason=finish, prompt_tokens=st.prompt_tokens,
                       completion_tokens=st.completion, cached_tokens=st.cached_tokens))
-        if stopped_by_text:
+        if stopped_by_text and solo is not None:
+            cache, tokens = solo.end()
+            self.prompt_cache.insert_cache(self.key, tokens, cache)
+        elif stopped_by_text:
             caches = self.gen.remove(stopped_by_text, return_prompt_caches=True)
             for cache, tokens in caches.values():
                 self.prompt_cache.insert_cache(self.key, list(tokens), cache)
         self._maybe_idle()
+
+    def _forget(self, st: _Running) -> None:
+        del self.running[st.uid]
+        self.by_id.pop(st.req.id, None)
+        if self.solo is not None and self.solo.uid == st.uid:
+            self.solo = None
 
     def _advance(self, st: _Running, r: Any, emit: Emit) -> str | None:
         """Take one generated token; emit its text; return the finish reason, if any."""
@@ -239,6 +294,9 @@ class LMEngine:
         if self.gen is not None:
             self.gen.close()
         self.gen = None
+        if self.solo is not None:
+            self.solo.end()
+        self.solo = None
         self.running.clear()
         self.by_id.clear()
         self.prompt_cache = LRUPromptCache(max_size=1)

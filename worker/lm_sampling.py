@@ -24,6 +24,9 @@ from mlx_supervisor.shared.protocol import Chunk, Generate, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
 
+# The context the engine gives make_logits_processors' penalties (mlx-lm's default).
+PENALTY_CONTEXT = 20
+
 _shared: dict[tuple, Sampler] = {}
 
 
@@ -51,15 +54,27 @@ def _seeded_sampler(seed: int, temp: float, top_p: float, min_p: float, top_k: i
         filters.append(lambda x: apply_min_p(x, min_p, 1))
     if top_k > 0:
         filters.append(lambda x: apply_top_k(x, top_k))
-    state = {"key": mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)}
+    return SeededSampler(seed, temp, filters)
 
-    def sampler(logprobs: mx.array) -> mx.array:
-        for f in filters:
+
+class SeededSampler:
+    """A request's own key stream: one split per token. ``rewind`` takes back the last draw,
+    for a token computed ahead and then discarded (:meth:`Solo.handover`)."""
+
+    def __init__(self, seed: int, temp: float,
+                 filters: list[Callable[[mx.array], mx.array]]) -> None:
+        self.key = self.prev = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+        self.inv_temp, self.filters = 1.0 / temp, filters
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        for f in self.filters:
             logprobs = f(logprobs)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+        self.prev = self.key
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * self.inv_temp, key=sub)
 
-    return sampler
+    def rewind(self) -> None:
+        self.key = self.prev
 
 
 def token_logprob(tokenizer: Any, logprobs: mx.array, token: int, top_n: int) -> TokenLogprob:
