@@ -85,6 +85,42 @@ def inproc(*args: str, timeout: float = 600) -> dict[str, Any]:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
+class InprocLoop:
+    """``python -m bench.inproc decode --serve``: an in-process decode loop kept loaded in its
+    own process, timed one run at a time (:meth:`run`) so runs can alternate with the gateway's."""
+
+    def __init__(self, *args: str, timeout: float = 600) -> None:
+        self.proc = subprocess.Popen([PY, "-m", "bench.inproc", "decode", *args, "--serve"],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self._read()  # {"ready": true} once loaded and warmed up
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.inproc decode --serve exited ({self.proc.wait()})")
+        return dict(json.loads(line))
+
+    def run(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def __enter__(self) -> InprocLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def gateway(models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
             env: dict[str, str] | None = None) -> ServerProcess:
     base: dict[str, Any] = {"log_level": "WARNING", "heartbeat_interval": 1.0,

@@ -1,7 +1,7 @@
 """In-process baselines, each run in a fresh process by the bench runner (which never imports mlx).
 
 ``python -m bench.inproc info`` | ``build DIR --seed N --size tiny|large`` |
-``decode DIR --max-tokens N --reps R`` | ``cold DIR`` | ``fake --n N``. Each prints one JSON line.
+``decode DIR --max-tokens N --reps R --mode stream|batch|engine [--serve]`` | ``cold DIR`` | ``fake --n N``. Each prints one JSON line.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,62 +58,111 @@ def _quantize(d: Path, bits: int, group_size: int = 64) -> None:
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _decode(d: Path, max_tokens: int, reps: int, prompt: str) -> dict[str, Any]:
-    import mlx_lm
-    from mlx_lm.sample_utils import make_sampler
+def _serve_decode(d: Path, max_tokens: int, prompt: str, mode: str) -> None:
+    """Loaded and warmed, then one timed run per line read from stdin, one JSON line each: the
+    bench alternates these runs with the gateway's, so both sides see the same machine."""
+    import sys
 
-    loaded: Any = mlx_lm.load(str(d))
-    model, tok = loaded[0], loaded[1]
-    greedy = make_sampler(temp=0.0)
+    loop = {"stream": _stream_run, "batch": _batch_run, "engine": _engine_run}[mode](
+        d, prompt, max_tokens)
+    loop()
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        stamps = loop()
+        print(json.dumps({"tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                          "ttft_s": stamps[0] - t0, "tokens": len(stamps)}), flush=True)
+
+
+def _decode(d: Path, max_tokens: int, reps: int, prompt: str, mode: str) -> dict[str, Any]:
+    """One single-stream greedy decode loop, ``reps`` timed runs after a warm-up; tokens/s
+    between the first and the last token. Modes: ``stream`` (``mlx_lm.stream_generate``, the
+    issue's baseline), ``batch`` (``BatchGenerator`` alone) and ``engine`` (the lm worker's own
+    ``LMEngine``, submit/step, text and chunks included, before any socket)."""
+    run = {"stream": _stream_run, "batch": _batch_run, "engine": _engine_run}[mode]
+    loop = run(d, prompt, max_tokens)
     rates, ttfts, tokens = [], [], 0
     for i in range(reps + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        t_first = t_last = 0.0
-        n = 0
-        for _ in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=greedy):
-            t_last = time.perf_counter()
-            if n == 0:
-                t_first = t_last
-            n += 1
+        stamps = loop()
         if i:
-            rates.append((n - 1) / (t_last - t_first))
-            ttfts.append(t_first - t0)
-            tokens = n
-    rates.sort()
-    batch = _batch_decode(model, tok, prompt, max_tokens, reps, greedy)
-    return {"decode_tps": rates[len(rates) // 2], "decode_tps_all": [round(r, 1) for r in rates],
-            "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tokens": tokens,
-            "batch_decode_tps": batch[len(batch) // 2], "batch_decode_tps_all": [round(r, 1) for r in batch]}
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            ttfts.append(stamps[0] - t0)
+            tokens = len(stamps)
+    return {"mode": mode, "decode_tps": sorted(rates)[len(rates) // 2],
+            "decode_tps_all": [round(r, 1) for r in rates], "ttft_s": sorted(ttfts)[len(ttfts) // 2],
+            "tokens": tokens}
 
 
-def _batch_decode(model: Any, tok: Any, prompt: str, max_tokens: int, reps: int, sampler: Any) -> list[float]:
-    """The same single stream through ``BatchGenerator`` (the engine the lm worker and
-    mlx_lm.server use), in-process: separates the engine's cost from the gateway's."""
-    import mlx.core as mx
+Loop = Callable[[], list[float]]
+
+
+def _load(d: Path) -> tuple[Any, Any]:
+    import mlx_lm
+
+    loaded: Any = mlx_lm.load(str(d))
+    return loaded[0], loaded[1]
+
+
+def _stream_run(d: Path, prompt: str, max_tokens: int) -> Loop:
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tok = _load(d)
+    greedy = make_sampler(temp=0.0)
+
+    def loop() -> list[float]:
+        return [time.perf_counter() for _ in mlx_lm.stream_generate(
+            model, tok, prompt, max_tokens=max_tokens, sampler=greedy)]
+
+    return loop
+
+
+def _batch_run(d: Path, prompt: str, max_tokens: int) -> Loop:
     from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
 
-    gen = BatchGenerator(model, stream=mx.default_stream(mx.default_device()))
-    ids = list(tok.encode(prompt))
-    rates = []
-    try:
-        for i in range(reps + 1):
-            (uid,) = gen.insert([ids], max_tokens=[max_tokens], samplers=[sampler])
-            n, t_first, t_last, done = 0, 0.0, 0.0, False
-            while not done:
-                _, responses = gen.next()
-                for r in responses:
-                    if r.uid != uid:
-                        continue
-                    t_last = time.perf_counter()
-                    n += 1
-                    if n == 1:
-                        t_first = t_last
-                    done = r.finish_reason is not None
-            if i:
-                rates.append((n - 1) / (t_last - t_first))
-    finally:
-        gen.close()
-    return sorted(rates)
+    model, tok = _load(d)
+    gen = BatchGenerator(model)
+    ids, greedy = list(tok.encode(prompt)), make_sampler(temp=0.0)
+
+    def loop() -> list[float]:
+        (uid,) = gen.insert([ids], max_tokens=[max_tokens], samplers=[greedy])
+        stamps: list[float] = []
+        while True:
+            for r in gen.next()[1]:
+                if r.uid == uid:
+                    stamps.append(time.perf_counter())
+                    if r.finish_reason is not None:
+                        return stamps
+
+    return loop
+
+
+def _engine_run(d: Path, prompt: str, max_tokens: int) -> Loop:
+    from mlx_supervisor.shared.protocol import Chunk, Error, Generate
+    from mlx_supervisor.worker.engine_lm import LMEngine
+
+    eng = LMEngine()
+    eng.load(str(d))
+    n = iter(range(1 << 30))
+
+    def loop() -> list[float]:
+        stamps: list[float] = []
+
+        def emit(m: Any) -> None:
+            if isinstance(m, Chunk):
+                stamps.extend([time.perf_counter()] * m.tokens)
+            elif isinstance(m, Error):
+                raise RuntimeError(m.message)
+
+        eng.submit(Generate(id=f"d{next(n)}", prompt=prompt, max_tokens=max_tokens,
+                            temperature=0.0), emit)
+        while eng.has_work():
+            eng.step(emit)
+        return stamps
+
+    return loop
 
 
 def _cold(d: Path, prompt: str) -> dict[str, Any]:
@@ -166,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("dir")
     de.add_argument("--max-tokens", type=int, default=256)
     de.add_argument("--reps", type=int, default=3)
+    de.add_argument("--mode", choices=["stream", "batch", "engine"], default="stream")
+    de.add_argument("--serve", action="store_true", help="one run per stdin line")
     c = sub.add_parser("cold")
     c.add_argument("dir")
     f = sub.add_parser("fake")
@@ -175,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         res = _info()
     elif a.cmd == "build":
         res = _build(Path(a.dir), a.seed, a.size)
+    elif a.cmd == "decode" and a.serve:
+        _serve_decode(Path(a.dir), a.max_tokens, PROMPT, a.mode)
+        return 0
     elif a.cmd == "decode":
-        res = _decode(Path(a.dir), a.max_tokens, a.reps, PROMPT)
+        res = _decode(Path(a.dir), a.max_tokens, a.reps, PROMPT, a.mode)
     elif a.cmd == "cold":
         res = _cold(Path(a.dir), PROMPT)
     else:

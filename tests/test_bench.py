@@ -30,3 +30,16 @@ def test_bench_gateway_alone_smoke(tmp_path: Path) -> None:
     assert sec["details"]["total_tokens"] == 4 * 20
     assert sec["details"]["ttfb_ms"]["p50"] > 0
     assert "gateway alone" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_decode_smoke(tmp_path: Path) -> None:
+    """The decode bench on the real tiny model: paired runs through the gateway and in-process."""
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--smoke", "--only", "decode",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sec = json.loads((tmp_path / "report.json").read_text())["benches"]["decode"]
+    assert "error" not in sec, sec
+    assert len(sec["figures"]) == 5 and all(f["value"] > 0 and f["baseline"] > 0
+                                            for f in sec["figures"])
+    d = sec["details"]
+    assert len(d["gateway_tps_all"]) == len(d["inproc_tps_all"]) == len(d["pair_ratios"]) == 2
