@@ -124,7 +124,7 @@ class InprocLoop:
 def gateway(models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
             env: dict[str, str] | None = None) -> ServerProcess:
     base: dict[str, Any] = {"log_level": "WARNING", "heartbeat_interval": 1.0,
-                            "heartbeat_timeout": 60.0, "ledger": {"enabled": False}}
+                            "ledger": {"enabled": False}}
     base.update(settings or {})
     return ServerProcess(models=models, settings=base, env=env)
 

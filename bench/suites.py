@@ -211,6 +211,7 @@ def cold(s: Settings) -> dict[str, Any]:
     ÷ ``mlx_lm.load`` + first token in a process that has already imported mlx_lm."""
     path = model_dir(s)
     reps = s.pick(2, 4)
+    inproc("cold", str(path))  # discarded: MLX's CUDA backend fills its kernel cache on disk here
     base_runs = [inproc("cold", str(path)) for _ in range(reps)]
     base = median([b["load_first_token_s"] for b in base_runs])
     fresh = median([b["import_s"] + b["load_first_token_s"] for b in base_runs])

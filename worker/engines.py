@@ -58,7 +58,8 @@ def make_engine(kind: str, *, context_length: int = 0) -> Engine:
 
 def preload(kind: str) -> None:
     """Import ``kind``'s heavy modules now (warm spare); a missing optional extra is only logged,
-    the Load that needs it will fail with a clear reason."""
+    the Load that needs it will fail with a clear reason. Then start MLX's device (on CUDA the
+    context and allocator take a few hundred ms), which a first load would otherwise pay."""
     for name in (*_HEAVY.get(kind, ()), _ENGINES.get(kind, ("", ""))[0]):
         if not name:
             continue
@@ -66,3 +67,10 @@ def preload(kind: str) -> None:
             importlib.import_module(name)
         except ImportError as e:
             log.warning("preload of %s for kind %s failed: %s", name, kind, e)
+    if "mlx.core" in _HEAVY.get(kind, ()):
+        try:
+            import mlx.core as mx
+
+            mx.eval(mx.arange(8) + 1)
+        except Exception as e:  # the Load will report a broken device with its own error
+            log.warning("warming the MLX device failed: %s", e)
