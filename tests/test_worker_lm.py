@@ -262,3 +262,63 @@ def test_an_untrimmable_cache_is_handed_over_for_a_fresh_prefill(engine: LMEngin
     got = [r.token for _ in range(3) for r in solo.next()]
     rest, handed, cached, left = solo.handover()
     assert (rest, handed, cached, left) == (ids + got, None, [], 5)
+
+
+def run_script(engine: LMEngine, script: dict[int, list], until_idle: bool = True,
+               ) -> tuple[dict[str, list], list[bool]]:
+    """Step the engine; before step n, do ``script[n]``: Generate -> submit, str -> cancel.
+    Returns every request's messages and, per step, whether a request was decoding alone."""
+    out: dict[str, list] = {}
+    alone: list[bool] = []
+
+    def emit(m) -> None:
+        out.setdefault(m.id, []).append(m)
+
+    n = 0
+    while n <= max(script) or engine.has_work():
+        for action in script.get(n, []):
+            if isinstance(action, Generate):
+                out.setdefault(action.id, [])
+                engine.submit(action, emit)
+            else:
+                engine.cancel(action, emit)
+        if engine.has_work():
+            engine.step(emit)
+        alone.append(engine.solo is not None)
+        n += 1
+        assert n < 5000
+    assert not engine.running and not engine.by_id and engine.solo is None
+    return out, alone
+
+
+def test_the_last_request_in_the_batch_goes_on_alone_exactly(engine: LMEngine):
+    a = Generate(id="a", prompt="Once upon a time", max_tokens=40, temperature=0.0)
+    b = greedy("b", max_tokens=6)
+    alone = text(run(engine, a)["a"])
+    out, solo_steps = run_script(engine, {0: [a], 3: [b]})
+    assert text(out["a"]) == alone and done(out["a"]).completion_tokens == 40
+    assert text(out["b"]) == text(run(engine, b)["b"])
+    # alone, then batched while b runs, then alone again once b is done
+    assert solo_steps[:3] == [True] * 3 and not any(solo_steps[3:8]) and solo_steps[-2]
+
+
+def test_a_seeded_request_reproduces_leaving_the_batch(engine: LMEngine):
+    s = Generate(id="s", prompt="Hello world", max_tokens=30, temperature=1.0, top_p=0.95,
+                 seed=5)
+    alone = text(run(engine, s)["s"])
+    noise = Generate(id="n", messages=CHAT, max_tokens=5, temperature=1.0)
+    out, solo_steps = run_script(engine, {0: [s, noise]})  # batched from the start
+    assert text(out["s"]) == alone and solo_steps[-2]
+
+
+def test_cancelling_the_other_request_lets_the_last_go_on_alone(engine: LMEngine):
+    a = Generate(id="a", prompt="Once upon a time", max_tokens=30, temperature=0.0)
+    alone = text(run(engine, a)["a"])
+    # b is cancelled at once (a handed over but not yet stepped in the batch), after one batch
+    # step (a's handed-over token fed, nothing generated there yet), and mid-run
+    for script in ({0: [a], 3: [greedy("b", max_tokens=50), "b"]},
+                   {0: [a], 3: [greedy("b", max_tokens=50)], 4: ["b"]},
+                   {0: [a], 3: [greedy("b", max_tokens=50)], 8: ["b"]}):
+        out, solo_steps = run_script(engine, script)
+        assert text(out["a"]) == alone, script
+        assert solo_steps[-2] and not any(isinstance(m, Done) for m in out["b"])

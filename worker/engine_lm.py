@@ -16,9 +16,10 @@ Decisions worth knowing:
   ``completion_tokens`` counts every generated token, the final stop token included.
 - Prompt cache: mlx-lm's ``LRUPromptCache`` (a token trie); a follow-up turn that shares a
   prefix with an earlier prompt + completion prefills only the rest (``cached_tokens``).
-- A request that arrives to an idle engine is decoded alone with ``generate_step``
-  (:mod:`lm_solo`), at ``stream_generate``'s speed; when a second one arrives it is handed to the
-  batch mid-stream and everything runs batched until the batch drains.
+- Whenever exactly one request is decoding it runs alone with ``generate_step``
+  (:mod:`lm_solo`), at ``stream_generate``'s speed: a request arriving to an idle engine starts
+  there, is handed to the batch mid-stream when a second arrives, and the last one left in the
+  batch goes on alone again. Each move undoes one step of lookahead, so the text is the same.
 - Started is sent when the request joins the batch (its prefill starts with the next step).
 - Chunks: one per request per decode step; text held back (a partial stop string or an
   incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
@@ -55,7 +56,7 @@ from mlx_supervisor.worker.lm_sampling import (
     sampler_for,
     token_logprob,
 )
-from mlx_supervisor.worker.lm_solo import Solo
+from mlx_supervisor.worker.lm_solo import Solo, undo_lookahead
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -68,7 +69,12 @@ class _Running:
     cached_tokens: int
     detok: Any
     stop_text: StopText
+    max_tokens: int
+    sampler: Any
+    processors: list[Any]
+    stop_seqs: StopSequences
     completion: int = 0
+    here: int = 0  # tokens since it joined the batch or went solo (> 0: past its prefill there)
     pending: Pending = field(default_factory=Pending)
 
 
@@ -147,44 +153,64 @@ class LMEngine:
         n = PENALTY_CONTEXT
         processors = make_logits_processors(req.logit_bias, req.repetition_penalty, n,
                                             req.presence_penalty, n, req.frequency_penalty, n)
-        sampler = sampler_for(req, self.vocab_size)
+        detok, stop_text = self.tokenizer.detokenizer, StopText(list(stops))
+        st = _Running(req, 0, len(ids), cached, detok, stop_text, max_tokens,
+                      sampler_for(req, self.vocab_size), processors, stop_seqs)
         if self.running:
             self._handover()
-            uid = self._insert(rest, cache, ids[:cached], max_tokens, sampler, processors,
-                               stop_seqs)
+            self._insert(st, rest, cache, ids[:cached], max_tokens)
         else:
-            self._solo_uids -= 1
-            uid = self._solo_uids
-            self.solo = Solo(self.model, self.stream, uid, rest, cache, ids[:cached], max_tokens,
-                             sampler, processors, stop_seqs, self.batch_sizes[2])
-        detok, stop_text = self.tokenizer.detokenizer, StopText(list(stops))
-        self.running[uid] = _Running(req, uid, len(ids), cached, detok, stop_text)
-        self.by_id[req.id] = uid
+            self._go_solo(st, rest, cache, ids[:cached], max_tokens)
         log.info("%s started prompt=%d cached=%d max_tokens=%d", req.id, len(ids), cached,
                  max_tokens)
         emit(Started(id=req.id, prompt_tokens=len(ids)))
 
-    def _insert(self, rest: list[int], cache: Any, cached: list[int], max_tokens: int,
-                sampler: Any, processors: list[Any], stop_seqs: StopSequences) -> int:
+    def _track(self, st: _Running, uid: int) -> None:
+        if self.running.get(st.uid) is st:
+            del self.running[st.uid]
+        st.uid, st.here = uid, 0
+        self.running[uid] = st
+        self.by_id[st.req.id] = uid
+
+    def _insert(self, st: _Running, rest: list[int], cache: Any, cached: list[int],
+                max_tokens: int) -> None:
         assert self.gen is not None
         (uid,) = self.gen.insert([rest], max_tokens=[max_tokens], caches=[cache],
-                                 all_tokens=[cached], samplers=[sampler],
-                                 logits_processors=[processors], stop_sequences=[stop_seqs])
-        return int(uid)
+                                 all_tokens=[cached], samplers=[st.sampler],
+                                 logits_processors=[st.processors],
+                                 stop_sequences=[st.stop_seqs])
+        self._track(st, int(uid))
+
+    def _go_solo(self, st: _Running, rest: list[int], cache: Any, cached: list[int],
+                 max_tokens: int) -> None:
+        self._solo_uids -= 1
+        self.solo = Solo(self.model, self.stream, self._solo_uids, rest, cache, cached,
+                         max_tokens, st.sampler, st.processors, st.stop_seqs,
+                         self.batch_sizes[2])
+        self._track(st, self._solo_uids)
 
     def _handover(self) -> None:
         """Move the request decoding alone into the batch, where it goes on exactly."""
         solo, self.solo = self.solo, None
         if solo is None:
             return
-        st = self.running.pop(solo.uid)
         rest, cache, cached, left = solo.handover()
-        uid = self._insert(rest, cache, cached, left, solo.sampler, solo.processors,
-                           solo.stop_seqs)
-        st.uid = uid
-        self.running[uid] = st
-        self.by_id[st.req.id] = uid
+        st = self.running[solo.uid]
+        self._insert(st, rest, cache, cached, left)
         log.info("%s joins the batch after %d tokens", st.req.id, st.completion)
+
+    def _leave_batch(self) -> None:
+        """The last request left in the batch goes on alone, at ``generate_step``'s speed, once
+        it is decoding (one still prefilling starts in the batch)."""
+        if self.solo is not None or len(self.running) != 1 or self.gen is None:
+            return
+        st = next(iter(self.running.values()))
+        if st.here == 0:
+            return
+        cache, tokens = self.gen.remove([st.uid], return_prompt_caches=True)[st.uid]
+        rest, kept, cached = undo_lookahead(cache, list(tokens), st.sampler)
+        self._go_solo(st, rest, kept, cached, st.max_tokens - st.completion)
+        log.info("%s goes on alone after %d tokens", st.req.id, st.completion)
 
     def cancel(self, request_id: str, emit: Emit) -> None:
         uid = self.by_id.pop(request_id, None)
@@ -195,6 +221,7 @@ class LMEngine:
                 self.solo = None
             elif self.gen is not None:
                 self.gen.remove([uid])
+                self._leave_batch()
             self._maybe_idle()
 
     def has_work(self) -> bool:
@@ -252,6 +279,7 @@ class LMEngine:
             caches = self.gen.remove(stopped_by_text, return_prompt_caches=True)
             for cache, tokens in caches.values():
                 self.prompt_cache.insert_cache(self.key, list(tokens), cache)
+        self._leave_batch()
         self._maybe_idle()
 
     def _forget(self, st: _Running) -> None:
@@ -263,6 +291,7 @@ class LMEngine:
     def _advance(self, st: _Running, r: Any, emit: Emit) -> str | None:
         """Take one generated token; emit its text; return the finish reason, if any."""
         st.completion += 1
+        st.here += 1
         finish = r.finish_reason
         if finish == "stop":  # the stop token itself (EOS or a stop word's last) is not text
             st.detok.finalize()

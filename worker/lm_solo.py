@@ -2,8 +2,9 @@
 
 Why: ``BatchGenerator`` holding a single sequence still pays for the batch (a left-padded
 ``BatchKVCache``, masks, per-row bookkeeping); on an H200 that ran at 0.81 of
-``stream_generate``. The LM engine decodes a lone request here and hands it to the batch the
-moment a second one arrives (:meth:`Solo.handover`), so concurrent requests still share steps.
+``stream_generate``. The LM engine decodes a lone request here, hands it to the batch the
+moment a second one arrives (:meth:`Solo.handover`), so concurrent requests still share steps,
+and takes the last one left in the batch back out (:func:`undo_lookahead` serves both moves).
 
 What this adds around ``generate_step``:
 
@@ -11,8 +12,8 @@ What this adds around ``generate_step``:
   and new arrivals are seen during a long prefill, as with the batch;
 - ``max_tokens`` and token-level stop sequences are applied as ``GenerationBatch`` applies them;
 - the penalty processors see the cached prefix too (``generate_step`` only tracks what it feeds);
-- ``generate_step`` computes one token ahead; a handover undoes that lookahead (the KV cache is
-  trimmed by one token and a seeded sampler's key rewound), so the batch recomputes it exactly.
+- both loops compute one token ahead; a move undoes that lookahead (the KV cache is trimmed by
+  one token and a seeded sampler's key rewound), so the other side recomputes it exactly.
   A cache that cannot be trimmed is handed over empty and re-prefilled: slower, still exact.
   A multi-token stop sequence half-matched at the handover is then caught by the engine's
   decoded-text check rather than the token matcher.
@@ -92,13 +93,8 @@ class Solo:
         if self.steps is None:  # still prefilling: nothing generated, nothing to undo
             return self.rest, self.cache, self.fed, self.max_tokens
         cache, tokens = self.end()
-        left = self.max_tokens - len(self.generated)
-        rewind = getattr(self.sampler, "rewind", None)
-        if rewind is not None:
-            rewind()  # the lookahead drew a key the batch must draw again
-        if can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 1) == 1:
-            return tokens[-1:], cache, tokens[:-1], left
-        return tokens, None, [], left
+        rest, kept, cached = undo_lookahead(cache, tokens, self.sampler)
+        return rest, kept, cached, self.max_tokens - len(self.generated)
 
     def _processors(self) -> list[Any]:
         """The request's processors, with the already-fed context in front of what
@@ -111,3 +107,17 @@ class Solo:
             return lambda tokens, logits: p(mx.concatenate([prefix, tokens]), logits)
 
         return [with_prefix(p) for p in self.processors]
+
+
+def undo_lookahead(cache: Any, tokens: list[int], sampler: Any) -> tuple[list[int], Any, list[int]]:
+    """A decoder stopped one step ahead (``generate_step`` and ``GenerationBatch`` both feed
+    the last token and draw the next before handing the last one out): take that step back so
+    whoever continues recomputes it exactly. ``tokens`` are those in ``cache``, the last one
+    handed out included; returns (tokens to feed, cache or None, tokens in that cache). A cache
+    that cannot be trimmed comes back as None, for a fresh prefill of everything."""
+    rewind = getattr(sampler, "rewind", None)
+    if rewind is not None:
+        rewind()  # the discarded draw must be drawn again
+    if can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 1) == 1:
+        return tokens[-1:], cache, tokens[:-1]
+    return tokens, None, []
