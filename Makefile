@@ -28,7 +28,7 @@ test: setup system-deps
 
 lint: setup
 	$(VENV)/bin/ruff check gateway worker shared tests bench
-	$(VENV)/bin/mypy gateway worker shared
+	$(VENV)/bin/mypy gateway worker shared bench
 
 bench: setup
 	$(PY) -m bench

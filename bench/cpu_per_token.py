@@ -45,7 +45,7 @@ def through_gateway(model: Path, tokens: int) -> dict[str, float]:
                 "stream": True}
         httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 20},
                    timeout=120)
-        gw, wk = psutil.Process(srv.proc.pid), psutil.Process(srv.worker_pids()[0])  # type: ignore[union-attr]
+        gw, wk = psutil.Process(srv.proc.pid), psutil.Process(srv.worker_pids()[0])
         g0, w0, t0 = _cpu(gw), _cpu(wk), time.time()
         n = 0
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=300) as r:

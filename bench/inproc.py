@@ -16,10 +16,11 @@ from typing import Any
 
 
 def _info() -> dict[str, Any]:
-    import mlx.core as mx
-    import mlx_lm
+    from importlib.metadata import version
 
-    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    import mlx.core as mx
+
+    return {"mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "device": str(mx.default_device())}
 
 
 def _build(d: Path, seed: int, size: str) -> dict[str, Any]:

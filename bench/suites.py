@@ -281,6 +281,7 @@ def swap(s: Settings) -> dict[str, Any]:
                 ml = MLXLMServer(paths[m]).start()
                 current = m
                 restarts += 1
+            assert ml is not None
             r = _run(request(ml.port, "/v1/completions", completion_body("default_model", max_tokens,
                                                                        stream=False)))
             if r.status != 200:
