@@ -36,7 +36,7 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_supervisor.shared.protocol import (
@@ -56,7 +56,7 @@ from mlx_supervisor.worker.lm_sampling import (
     sampler_for,
     token_logprob,
 )
-from mlx_supervisor.worker.lm_solo import Solo, undo_lookahead
+from mlx_supervisor.worker.lm_solo import Solo, refeed_last, undo_lookahead
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -138,11 +138,7 @@ class LMEngine:
 
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.key, ids)
         if cache is not None and not rest:  # exact hit: the last token must still be fed
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = ids[-1:]
-            else:
-                cache, rest = None, ids
+            rest, cache, _ = refeed_last(cache, ids)
         cached = len(ids) - len(rest)
         stops = tuple(s for s in req.stop if s)
         stop_seqs = self._stop_seqs.get(stops)

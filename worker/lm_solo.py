@@ -46,7 +46,7 @@ class Solo:
         self.generated: list[int] = []
         self.max_tokens = max_tokens
         self.sampler, self.processors = sampler, processors
-        self.stop_seqs, self.matcher = stop_seqs, stop_seqs.matcher()
+        self.matcher = stop_seqs.matcher()
         self.prefill_step_size = prefill_step_size
         self.steps: Generator[tuple[Any, mx.array], None, None] | None = None
 
@@ -113,11 +113,17 @@ def undo_lookahead(cache: Any, tokens: list[int], sampler: Any) -> tuple[list[in
     """A decoder stopped one step ahead (``generate_step`` and ``GenerationBatch`` both feed
     the last token and draw the next before handing the last one out): take that step back so
     whoever continues recomputes it exactly. ``tokens`` are those in ``cache``, the last one
-    handed out included; returns (tokens to feed, cache or None, tokens in that cache). A cache
-    that cannot be trimmed comes back as None, for a fresh prefill of everything."""
+    handed out included; returns what :func:`refeed_last` returns."""
     rewind = getattr(sampler, "rewind", None)
     if rewind is not None:
         rewind()  # the discarded draw must be drawn again
+    return refeed_last(cache, tokens)
+
+
+def refeed_last(cache: Any, tokens: list[int]) -> tuple[list[int], Any, list[int]]:
+    """Drop the last of ``tokens`` (those in ``cache``) from the cache, so that feeding it again
+    yields the next token's logits: (tokens to feed, cache or None, tokens in that cache). A
+    cache that cannot be trimmed comes back as None, for a fresh prefill of everything."""
     if can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 1) == 1:
         return tokens[-1:], cache, tokens[:-1]
     return tokens, None, []
