@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import time
@@ -64,15 +65,11 @@ def _serve_decode(d: Path, max_tokens: int, prompt: str, mode: str) -> None:
     bench alternates these runs with the gateway's, so both sides see the same machine."""
     import sys
 
-    loop = {"stream": _stream_run, "batch": _batch_run, "engine": _engine_run}[mode](
-        d, prompt, max_tokens)
+    loop = LOOPS[mode](d, prompt, max_tokens)
     loop()
     print(json.dumps({"ready": True}), flush=True)
     for _ in sys.stdin:
-        t0 = time.perf_counter()
-        stamps = loop()
-        print(json.dumps({"tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                          "ttft_s": stamps[0] - t0, "tokens": len(stamps)}), flush=True)
+        print(json.dumps(_timed(loop)), flush=True)
 
 
 def _decode(d: Path, max_tokens: int, reps: int, prompt: str, mode: str) -> dict[str, Any]:
@@ -80,19 +77,21 @@ def _decode(d: Path, max_tokens: int, reps: int, prompt: str, mode: str) -> dict
     between the first and the last token. Modes: ``stream`` (``mlx_lm.stream_generate``, the
     issue's baseline), ``batch`` (``BatchGenerator`` alone) and ``engine`` (the lm worker's own
     ``LMEngine``, submit/step, text and chunks included, before any socket)."""
-    run = {"stream": _stream_run, "batch": _batch_run, "engine": _engine_run}[mode]
-    loop = run(d, prompt, max_tokens)
-    rates, ttfts, tokens = [], [], 0
-    for i in range(reps + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        stamps = loop()
-        if i:
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            ttfts.append(stamps[0] - t0)
-            tokens = len(stamps)
-    return {"mode": mode, "decode_tps": sorted(rates)[len(rates) // 2],
-            "decode_tps_all": [round(r, 1) for r in rates], "ttft_s": sorted(ttfts)[len(ttfts) // 2],
-            "tokens": tokens}
+    loop = LOOPS[mode](d, prompt, max_tokens)
+    loop()  # warm-up
+    runs = [_timed(loop) for _ in range(reps)]
+    rates = sorted(r["tps"] for r in runs)
+    ttfts = sorted(r["ttft_s"] for r in runs)
+    return {"mode": mode, "decode_tps": rates[len(rates) // 2],
+            "decode_tps_all": [round(r["tps"], 1) for r in runs],
+            "ttft_s": ttfts[len(ttfts) // 2], "tokens": runs[-1]["tokens"]}
+
+
+def _timed(loop: Loop) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    stamps = loop()
+    return {"tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "ttft_s": stamps[0] - t0,
+            "tokens": len(stamps)}
 
 
 Loop = Callable[[], list[float]]
@@ -146,7 +145,7 @@ def _engine_run(d: Path, prompt: str, max_tokens: int) -> Loop:
 
     eng = LMEngine()
     eng.load(str(d))
-    n = iter(range(1 << 30))
+    n = itertools.count()
 
     def loop() -> list[float]:
         stamps: list[float] = []
@@ -164,6 +163,10 @@ def _engine_run(d: Path, prompt: str, max_tokens: int) -> Loop:
         return stamps
 
     return loop
+
+
+LOOPS: dict[str, Callable[[Path, str, int], Loop]] = {
+    "stream": _stream_run, "batch": _batch_run, "engine": _engine_run}
 
 
 def _cold(d: Path, prompt: str) -> dict[str, Any]:
