@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing import ServerProcess, free_port, wait_healthy
+from mlx_supervisor.gateway.testing.server import ServerProcess, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

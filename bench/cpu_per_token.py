@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 PROMPT = "Once upon a time"
 INPROC = f"""
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=800)
     args = ap.parse_args()
     model = Path(tempfile.mkdtemp(prefix="mlxsup-bench-")) / "lm"
-    subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo_model", str(model)], check=True)
+    subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo.lm", str(model)], check=True)
     g = through_gateway(model, args.tokens)
     out = subprocess.run([sys.executable, "-c", INPROC, str(model), str(args.tokens)], check=True,
                          capture_output=True, text=True).stdout

@@ -26,8 +26,7 @@ def _info() -> dict[str, Any]:
 
 def _build(d: Path, seed: int, size: str) -> dict[str, Any]:
     from bench.common import LARGE
-    from mlx_supervisor.worker import demo_model
-
+    from mlx_supervisor.worker.demo import lm as demo_model
     marker = d / ".bench-complete"
     if marker.exists():
         return {"path": str(d), "built": False}
@@ -141,7 +140,7 @@ def _batch_run(d: Path, prompt: str, max_tokens: int) -> Loop:
 
 def _engine_run(d: Path, prompt: str, max_tokens: int) -> Loop:
     from mlx_supervisor.shared.protocol import Chunk, Error, Generate
-    from mlx_supervisor.worker.engine_lm import LMEngine
+    from mlx_supervisor.worker.engines.lm import LMEngine
 
     eng = LMEngine()
     eng.load(str(d))
@@ -188,7 +187,7 @@ def _cold(d: Path, prompt: str) -> dict[str, Any]:
 def _fake(n: int) -> dict[str, Any]:
     """The fake worker's own time for one max_tokens=1 request: submit, one step, Done."""
     from mlx_supervisor.shared.protocol import Generate, encode
-    from mlx_supervisor.worker.engine_fake import FakeEngine
+    from mlx_supervisor.worker.engines.fake import FakeEngine
 
     eng = FakeEngine()
     eng.load("")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 MODELS = {"f": {"path": "/nonexistent/fake", "kind": "fake", "max_concurrency": 64, "max_queue": 512,
                 "env": {"FAKE_TOKEN_DELAY": "0.001"}}}

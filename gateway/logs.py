@@ -21,7 +21,7 @@ from mlx_supervisor.shared.config import Config
 class _RequestId(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            from mlx_supervisor.gateway.context import request_id_var
+            from mlx_supervisor.gateway.api.gateway import request_id_var
 
             record.request_id = request_id_var.get()
         return True

@@ -15,7 +15,7 @@ import logging
 import psutil
 
 from mlx_supervisor.gateway import catalog
-from mlx_supervisor.gateway.context import Gateway
+from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.shared.config import Config, ConfigError, semantic_problems
 from mlx_supervisor.shared.sizes import format_size, parse_size
 
@@ -38,7 +38,6 @@ def attach(gw: Gateway) -> None:
 
 def _read() -> Config:
     from mlx_supervisor.gateway import serve
-
     if serve.CONFIG_ARGS is None:
         raise ConfigError([("$", "the gateway was not started by `serve`; nothing to re-read")])
     return serve.resolve_config(serve.CONFIG_ARGS)

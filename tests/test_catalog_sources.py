@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from mlx_supervisor.gateway import catalog
-from mlx_supervisor.gateway.testing import ServerProcess
-from mlx_supervisor.gateway.testing_cli import fake
+from mlx_supervisor.gateway.testing.cli import fake
+from mlx_supervisor.gateway.testing.server import ServerProcess
 from mlx_supervisor.shared.config import Config, ModelConfig
 
 WEIGHTS = 3_000_000

@@ -13,9 +13,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mlx_supervisor.gateway import config_cmd, logtail, pidfile
+from mlx_supervisor.gateway import pidfile
+from mlx_supervisor.gateway.cli import config_cmd, logtail
 from mlx_supervisor.gateway.logs import setup_logging
-from mlx_supervisor.gateway.testing_cli import CLIHome, fake
+from mlx_supervisor.gateway.testing.cli import CLIHome, fake
 from mlx_supervisor.shared.config import (
     Config,
     LedgerConfig,
@@ -68,7 +69,7 @@ def _sections(text: str) -> dict[str, str]:
 def test_example_config_documents_every_setting_and_parses() -> None:
     text = config_cmd.example_text()
     assert (REPO / "deploy" / "config.example.toml").read_text() == text, \
-        "deploy/config.example.toml must be a copy of gateway/templates/config.example.toml"
+        "deploy/config.example.toml must be a copy of gateway/cli/templates/config.example.toml"
     sections = _sections(text)
     nested = {"ledger": LedgerConfig, "vision": VisionConfig, "models": ModelConfig}
     for section, struct in [("", Config), *nested.items()]:

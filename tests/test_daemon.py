@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess, wait_for
-from mlx_supervisor.gateway.testing_cli import CLIHome, fake
+from mlx_supervisor.gateway.testing.cli import CLIHome, fake
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlx_lm
 
-from mlx_supervisor.worker import demo_model
+from mlx_supervisor.worker.demo import lm as demo_model
 
 
 def _files(d: Path) -> dict[str, bytes]:

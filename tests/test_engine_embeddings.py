@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate
-from mlx_supervisor.worker.engine_embeddings import EmbeddingsEngine
+from mlx_supervisor.worker.engines.embeddings import EmbeddingsEngine
 
 DIMS = 384
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mlx_supervisor.shared.protocol import Chunk, Done, Embed, Error, Generate, Started
-from mlx_supervisor.worker.engine_vlm import VLMEngine
+from mlx_supervisor.worker.engines.vlm import VLMEngine
 
 
 def png(color: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (64, 48)) -> bytes:

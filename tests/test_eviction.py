@@ -1,6 +1,6 @@
 """The eviction planner is a pure function: tested on data alone."""
 
-from mlx_supervisor.gateway.eviction import Holder, Usage, plan_admission, relieve
+from mlx_supervisor.gateway.supervisor.eviction import Holder, Usage, plan_admission, relieve
 
 GB = 10**9
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 KEY = "sekret"
 

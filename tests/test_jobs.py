@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from mlx_supervisor.gateway import cli
-from mlx_supervisor.gateway.testing import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 
 ADMIN = {"authorization": "Bearer adm"}
 

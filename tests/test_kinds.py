@@ -16,7 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 
 def _png_data_url(color: tuple[int, int, int] = (200, 30, 30)) -> str:

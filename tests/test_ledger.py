@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from mlx_supervisor.gateway import testing
-from mlx_supervisor.gateway.generation import Outcome
-from mlx_supervisor.gateway.ledger import Ledger, LedgerError, Query
+from mlx_supervisor.gateway.api.run import Outcome
+from mlx_supervisor.gateway.observe.ledger import Ledger, LedgerError, Query
+from mlx_supervisor.gateway.testing import server as testing
 from mlx_supervisor.shared import protocol as p
 
 
@@ -139,8 +139,8 @@ async def test_clean_close_fails_what_is_still_in_flight(path: Path) -> None:
 def test_restart_after_a_crash_fails_the_rows_left_in_flight(path: Path) -> None:
     child = textwrap.dedent(f"""
         import asyncio, os, signal
-        from mlx_supervisor.gateway.generation import Outcome
-        from mlx_supervisor.gateway.ledger import Ledger
+        from mlx_supervisor.gateway.api.run import Outcome
+        from mlx_supervisor.gateway.observe.ledger import Ledger
         from pathlib import Path
         led = Ledger(Path({str(path)!r}))
         for rid, ev in (("q", "queued"), ("p", "started"), ("c", "finished")):

@@ -14,10 +14,10 @@ import openai
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_supervisor.gateway.context import Gateway
-from mlx_supervisor.gateway.metrics import attach, crash_reason
-from mlx_supervisor.gateway.supervisor import Supervisor
-from mlx_supervisor.gateway.testing import ServerProcess, wait_for
+from mlx_supervisor.gateway.api.gateway import Gateway
+from mlx_supervisor.gateway.observe.metrics import attach, crash_reason
+from mlx_supervisor.gateway.supervisor.loop import Supervisor
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 from mlx_supervisor.shared.config import Config
 
 MB = 10**6

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess, free_port
+from mlx_supervisor.gateway.testing.server import ServerProcess, free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "SCALING.md"
 

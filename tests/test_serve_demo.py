@@ -8,7 +8,7 @@ import signal
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 
 def test_serve_demo_end_to_end_and_ctrl_c_leaves_no_worker() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_supervisor.gateway import service
-from mlx_supervisor.gateway.testing_cli import CLIHome, fake
+from mlx_supervisor.gateway.cli import service
+from mlx_supervisor.gateway.testing.cli import CLIHome, fake
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_deploy_examples_are_the_generators_output() -> None:
     for name, data in service.example_files().items():
         on_disk = (REPO / "deploy" / name).read_bytes()
         assert on_disk == data, (f"deploy/{name} is out of date; regenerate: python -c 'from "
-                                 "mlx_supervisor.gateway.service import write_examples; write_examples(\"deploy\")'")
+                                 "mlx_supervisor.gateway.cli.service import write_examples; write_examples(\"deploy\")'")
     plist = plistlib.loads((REPO / "deploy" / "com.mlx-supervisor.plist").read_bytes())
     assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
 

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from mlx_supervisor.gateway.group import free_port_block
-from mlx_supervisor.gateway.testing import ServerProcess, alive
+from mlx_supervisor.gateway.supervisor.group import free_port_block
+from mlx_supervisor.gateway.testing.server import ServerProcess, alive
 from mlx_supervisor.shared.config import ModelConfig, loads, semantic_problems
 from mlx_supervisor.shared.protocol import Hello
 from mlx_supervisor.shared.sizes import read_model_config

@@ -5,7 +5,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from mlx_supervisor.gateway.states import LEGAL, IllegalTransition, State, on_transition, transition
+from mlx_supervisor.gateway.supervisor.states import (
+    LEGAL,
+    IllegalTransition,
+    State,
+    on_transition,
+    transition,
+)
 
 
 @dataclass

@@ -15,10 +15,10 @@ import httpx
 from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
-from mlx_supervisor.gateway.context import Gateway
-from mlx_supervisor.gateway.statuspage import EventHub, StatusPage
-from mlx_supervisor.gateway.supervisor import Supervisor
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.api.gateway import Gateway
+from mlx_supervisor.gateway.observe.statuspage import EventHub, StatusPage
+from mlx_supervisor.gateway.supervisor.loop import Supervisor
+from mlx_supervisor.gateway.testing.server import ServerProcess
 from mlx_supervisor.shared.config import Config
 
 ADMIN = "adm-key"

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess, wait_for
-from mlx_supervisor.gateway.testing import alive as _alive
-from mlx_supervisor.gateway.testing import fake_model as fake
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import alive as _alive
+from mlx_supervisor.gateway.testing.server import fake_model as fake
 
 MB = 10**6
 
@@ -251,8 +251,8 @@ def test_unload_during_a_load_tells_the_loader_and_leaves_the_model_cold() -> No
 
 
 def test_a_loading_worker_is_charged_at_least_its_estimate() -> None:
-    from mlx_supervisor.gateway.states import State
-    from mlx_supervisor.gateway.workers import Worker
+    from mlx_supervisor.gateway.supervisor.model import Worker
+    from mlx_supervisor.gateway.supervisor.states import State
     from mlx_supervisor.shared.protocol import Memory
 
     w = Worker(model_id="m", worker_id="m#1", estimate=1000, kind="lm", state=State.LOADING,

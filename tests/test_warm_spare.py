@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 
 
 def _ps(srv: ServerProcess) -> dict[str, Any]:

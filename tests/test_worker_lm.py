@@ -8,7 +8,7 @@ import mlx_lm
 import pytest
 
 from mlx_supervisor.shared.protocol import Chunk, Done, Error, Generate, Started
-from mlx_supervisor.worker.engine_lm import LMEngine
+from mlx_supervisor.worker.engines.lm import LMEngine
 
 CHAT = [{"role": "user", "content": "Hello there, how are you today?"}]
 
@@ -253,7 +253,7 @@ def test_an_untrimmable_cache_is_handed_over_for_a_fresh_prefill(engine: LMEngin
     from mlx_lm.models.cache import RotatingKVCache
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_supervisor.worker.lm_solo import Solo
+    from mlx_supervisor.worker.engines.lm_solo import Solo
 
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     cache = [RotatingKVCache(max_size=4) for _ in engine.model.layers]  # wraps at once

@@ -39,8 +39,8 @@ from mlx_supervisor.shared.protocol import (
     Shutdown,
     encode,
 )
-from mlx_supervisor.worker.engine import Engine
 from mlx_supervisor.worker.engines import make_engine
+from mlx_supervisor.worker.engines.base import Engine
 
 log = logging.getLogger("mlx_supervisor.worker")
 

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess, alive, wait_for
-from mlx_supervisor.gateway.testing import fake_model as fake
+from mlx_supervisor.gateway.testing.server import ServerProcess, alive, wait_for
+from mlx_supervisor.gateway.testing.server import fake_model as fake
 
 MB = 10**6
 PROBE = "mlxsup-probe"  # any file-system event naming this (or passwd, ~root) is recorded

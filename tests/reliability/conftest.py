@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 from ._kit import AUDIT_HOOK, PROBE, TINY_CONTEXT, fake, wait_for
 

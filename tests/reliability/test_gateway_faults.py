@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 from ._kit import alive, chat_body, fake, hot, stream_request, wait_for
 

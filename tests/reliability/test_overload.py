@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 from ._kit import StreamResult, chat_body, fake, hot, stream_request, wait_for
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 import zmq
 
-from mlx_supervisor.gateway import app as app_module
-from mlx_supervisor.gateway.testing import ServerProcess, free_port, write_config
+from mlx_supervisor.gateway.api import app as app_module
+from mlx_supervisor.gateway.testing.server import ServerProcess, free_port, write_config
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.config import Config
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 from ._kit import StreamResult, alive, chat_body, fake, stream_request, wait_for
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from mlx_supervisor.gateway.testing import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess
 
 from ._kit import (
     StreamResult,

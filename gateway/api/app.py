@@ -1,0 +1,181 @@
+"""The Starlette app: routes, one pure-ASGI middleware (request id, auth, access log), lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_supervisor.gateway.api import admin as routes_admin
+from mlx_supervisor.gateway.api import openai as routes_openai
+from mlx_supervisor.gateway.api.gateway import (
+    Gateway,
+    error_response,
+    json_response,
+    request_id_var,
+)
+from mlx_supervisor.gateway.errors import APIError
+
+log = logging.getLogger("mlx_supervisor.access")
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Operator routes (job history included) take the admin key when one is set, else the API key.
+ADMIN_PREFIXES = ("/admin/", "/v1/jobs", "/v1/queue")
+
+
+def _token(headers: dict[bytes, bytes]) -> str | None:
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key is not None else None
+
+
+def _matches(given: str | None, want: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), want.encode())
+
+
+class GatewayMiddleware:
+    """Request id in and out, API-key checks, and one access-log line per request."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway):
+        self.app = app
+        self.gw = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _RID.match(given) else "req-" + uuid.uuid4().hex[:24]
+        t0 = time.time()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["t_received"] = t0
+        token = request_id_var.set(rid)
+        status = [0]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                hs = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in hs):
+                    hs.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": hs}
+            await send(message)
+
+        try:
+            err = self._auth(scope["path"], headers)
+            if err is not None:
+                await error_response(err)(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._log(scope, rid, status[0], t0)
+            request_id_var.reset(token)
+
+    def _auth(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        cfg = self.gw.cfg
+        if path.startswith(ADMIN_PREFIXES):
+            want = cfg.admin_key or cfg.api_key
+        elif path.startswith("/v1/"):
+            want = cfg.api_key
+        else:
+            return None
+        if not want:
+            return None
+        given = _token(headers)
+        if _matches(given, want):
+            return None
+        msg = "missing API key (send 'Authorization: Bearer KEY')" if given is None else "invalid API key"
+        return APIError(401, msg, code="invalid_api_key", type="invalid_request_error")
+
+    def _log(self, scope: Scope, rid: str, status: int, t0: float) -> None:
+        path = scope["path"]
+        # Probes, scrapes and the status page's own polling would drown the real traffic.
+        if path in ("/", "/health", "/metrics", "/health/ready", "/admin/status") or path.startswith("/static"):
+            return
+        o = scope.get("state", {}).get("outcome")
+        duration_ms = round((time.time() - t0) * 1000, 1)
+        fields: dict[str, Any] = {"request_id": rid, "http_status": status, "path": path,
+                                  "method": scope["method"], "duration_ms": duration_ms}
+        extra = ""
+        if o is not None:
+            ttft_ms = round((o.t_first_token - o.t_received) * 1000, 1) if o.t_first_token else None
+            fields.update(model=o.model, status=o.status, prompt_tokens=o.prompt_tokens,
+                          completion_tokens=o.completion_tokens, ttft_ms=ttft_ms)
+            ttft = f"{ttft_ms:.0f}ms" if ttft_ms is not None else "-"
+            extra = (f" model={o.model} status={o.status} prompt_tokens={o.prompt_tokens} "
+                     f"completion_tokens={o.completion_tokens} ttft={ttft}")
+        log.info("%s %s %d request_id=%s duration=%.0fms%s", scope["method"], path, status, rid,
+                 duration_ms, extra, extra=fields)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _bug(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+
+async def health(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    hot = sum(1 for w in gw.sup.workers.values() if w.hot and not w.spare)
+    body: dict[str, Any] = {"status": "ok", "hot_models": hot, "pid": gw.sup.snapshot()["pid"],
+                            "uptime": round(time.time() - gw.sup.started, 3)}
+    if gw.warnings:
+        body["warnings"] = gw.warnings
+    return json_response(body)
+
+
+async def health_ready(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    missing = [m for m, s in gw.sup.slots.items()
+               if s.pinned and not (s.worker and s.worker.state.value == "ready")]
+    if gw.sup.closing:
+        return json_response({"status": "shutting_down"}, status=503)
+    if missing:
+        return json_response({"status": "loading", "waiting_for": missing}, status=503)
+    return json_response({"status": "ready"})
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.sup.start()
+        try:
+            yield
+        finally:
+            await gateway.sup.shutdown()
+            for hook in gateway.shutdown_hooks:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("shutdown hook failed")
+
+    routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/health/ready", health_ready, methods=["GET"]),
+        *routes_openai.routes,
+        *routes_admin.routes,
+        *gateway.routes,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={APIError: _api_error, Exception: _bug})
+    app.state.gateway = gateway
+    app.add_middleware(GatewayMiddleware, gateway=gateway)
+    return app

@@ -1,0 +1,97 @@
+"""What every route shares: the ``Gateway`` (config, catalog view, supervisor, observers) and the
+small HTTP helpers (bounded body reads, msgspec JSON responses, OpenAI-shaped errors)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from mlx_supervisor.gateway.api.run import Observer, Outcome
+from mlx_supervisor.gateway.catalog import Entry
+from mlx_supervisor.gateway.errors import APIError
+from mlx_supervisor.gateway.supervisor.loop import Supervisor
+from mlx_supervisor.shared.config import Config
+
+log = logging.getLogger("mlx_supervisor.gateway")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class Gateway:
+    def __init__(self, cfg: Config, sup: Supervisor):
+        self.cfg = cfg
+        self.sup = sup
+        self.observers: list[Observer] = [self._forget_finished]
+        self.active_ids: set[str] = set()  # request ids in flight (a stream and a ledger row each)
+        self.warnings: list[str] = []
+        self.image_fetcher: Callable[[list[str]], Any] | None = None
+        self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
+        self.reload: Callable[[], Awaitable[None]] | None = None  # SIGHUP
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    def entry(self, name: object) -> Entry:
+        """The catalog entry for an id or alias; 404 naming what exists otherwise."""
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "model must be a non-empty string", param="model", code="invalid_value")
+        mid = self.sup.resolve(name)
+        if mid is None:
+            avail = ", ".join(sorted(self.sup.slots)) or "none"
+            raise APIError(404, f"model {name[:200]!r} does not exist; available models: {avail}",
+                           param="model", code="model_not_found")
+        return self.sup.slots[mid].entry
+
+    def _forget_finished(self, event: str, outcome: Outcome) -> None:
+        if event == "finished":
+            self.active_ids.discard(outcome.request_id)
+
+    def observe(self, event: str, outcome: Outcome) -> None:
+        for fn in self.observers:
+            try:
+                fn(event, outcome)
+            except Exception:
+                log.exception("observer failed")
+
+    async def fetch_images(self, urls: list[str]) -> list[bytes]:
+        if self.image_fetcher is None:
+            raise APIError(400, "this server cannot read images", param="messages", code="unsupported_value")
+        result: list[bytes] = await self.image_fetcher(urls)
+        return result
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise APIError(413, f"request body of {declared} bytes exceeds max_body_bytes ({limit})",
+                               code="request_too_large")
+        except ValueError:
+            raise APIError(400, "bad Content-Length header", code="invalid_header") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds max_body_bytes ({limit})", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(data), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def error_response(e: APIError, scope: Any = None) -> Response:
+    headers = e.headers()
+    rid = request_id_var.get()
+    if rid != "-":
+        headers["x-request-id"] = rid
+    return Response(e.to_json(), status_code=e.status, headers=headers, media_type="application/json")

@@ -1,0 +1,5 @@
+import sys
+
+from mlx_supervisor.gateway.cli.main import main
+
+sys.exit(main())

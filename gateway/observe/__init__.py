@@ -1,0 +1,1 @@
+"""The observability wing: metrics, the status page, the job routes and the request ledger."""

@@ -1,0 +1,56 @@
+"""Read-only views of the supervisor for /admin/ps, /v1/models and the status page.
+
+Display only: nothing here gates a change, so reading outside the loop is safe.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:
+    from mlx_supervisor.gateway.supervisor.loop import Supervisor
+
+
+def snapshot(sup: Supervisor) -> dict[str, Any]:
+    now = time.monotonic()
+    workers = []
+    for w in sup.workers.values():
+        slot = sup.slots.get(w.model_id)
+        ttl = slot.entry.ttl if slot else 0
+        workers.append({
+            "model": w.model_id, "spare": w.spare, "worker_id": w.worker_id, "pid": w.pid, "state": w.state.value,
+            "kind": w.kind, "memory_bytes": w.memory.footprint if w.memory else 0,
+            "estimated_bytes": w.estimate, "charged_bytes": w.bytes,
+            "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,
+                       "rss": w.memory.rss} if w.memory else None,
+            "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
+            "worker_inflight": w.worker_inflight,
+            "queued": len(slot.waiters) if slot else 0,
+            "last_used": time.time() - (now - w.last_used),
+            "idle_seconds": round(now - w.last_used, 3),
+            "ttl": ttl,
+            "ttl_remaining": (max(0.0, ttl - (now - w.last_used)) if ttl > 0 and not (slot and slot.pinned)
+                              and w.inflight == 0 else None),
+            "started_at": w.started_at, "load_seconds": w.load_seconds,
+            "ranks": [msgspec.structs.asdict(r) for r in w.ranks],
+        })
+    return {
+        "pid": os.getpid(), "uptime": time.time() - sup.started, "budget_bytes": sup.budget,
+        "used_bytes": sup.used_bytes(), "max_models": sup.max_models, "workers": workers,
+    }
+
+def model_info(sup: Supervisor, model_id: str) -> dict[str, Any]:
+    slot = sup.slots[model_id]
+    w = slot.worker
+    state = w.state.value if w else ("failed" if slot.failed_until > time.monotonic() else "cold")
+    return {
+        "state": state, "kind": slot.entry.kind, "pinned": slot.pinned,
+        "memory": w.bytes if w else 0, "estimated_bytes": slot.entry.estimate,
+        "aliases": slot.entry.aliases, "pid": w.pid if w else None,
+        "last_error": slot.last_error, "loads": slot.loads,
+        "context_length": (w.context_length if w else 0) or slot.entry.context_length,
+    }
