@@ -16,8 +16,9 @@ import psutil
 
 from mlx_supervisor.gateway import catalog
 from mlx_supervisor.gateway.api.gateway import Gateway
+from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.shared.config import Config, ConfigError, semantic_problems
-from mlx_supervisor.shared.sizes import format_size, parse_size
+from mlx_supervisor.shared.sizes import format_size
 
 log = logging.getLogger("mlx_supervisor.reload")
 
@@ -51,7 +52,7 @@ async def apply(gw: Gateway) -> bool:
         problems = semantic_problems(cfg, total)
         if problems:
             raise ConfigError(problems, "reloaded config")
-        budget = parse_size(cfg.memory_budget, total)
+        budget = await asyncio.to_thread(resolve_budget, cfg.memory_budget, total)
         entries, aliases, warnings = await asyncio.to_thread(catalog.build, cfg, total)
     except ConfigError as e:  # one line per event, even for many problems
         log.error("reload rejected, keeping the running config: %s: %s", e.source,

@@ -29,11 +29,12 @@ import uvicorn
 from mlx_supervisor.gateway import catalog, pidfile
 from mlx_supervisor.gateway.api.app import create_app
 from mlx_supervisor.gateway.api.gateway import Gateway
+from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import Config, ConfigError, ModelConfig, load, semantic_problems
-from mlx_supervisor.shared.sizes import format_size, parse_size
+from mlx_supervisor.shared.sizes import format_size
 
 log = logging.getLogger("mlx_supervisor.serve")
 # The arguments the running gateway was configured from: SIGHUP (gateway/reload.py) re-reads them.
@@ -98,7 +99,7 @@ def build_gateway(cfg: Config) -> tuple[Gateway, list[str]]:
     problems = semantic_problems(cfg, total)
     if problems:
         raise ConfigError(problems)
-    budget = parse_size(cfg.memory_budget, total)
+    budget = resolve_budget(cfg.memory_budget, total)
     entries, aliases, warnings = catalog.build(cfg, total)
     for e in entries.values():
         if e.estimate > budget:

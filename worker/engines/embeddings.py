@@ -38,6 +38,7 @@ import psutil
 
 from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate, Memory
 from mlx_supervisor.worker.engines.base import Emit, LoadInfo
+from mlx_supervisor.worker.engines.wired import Wired
 from mlx_supervisor.worker.validation import bad_request
 
 TOKENS_PER_PASS = 8192
@@ -75,6 +76,7 @@ class EmbeddingsEngine:
         """Named in error messages; the worker may set it, ``load`` defaults it to the dir name."""
         self._model: Any = None
         self._tokenizer: Any = None
+        self.wired = Wired()  # wired memory on Metal while loaded (see engines/wired.py)
         self._dims = 0
         self._max_len = max_length or 0
         self._tokens_per_pass = tokens_per_pass
@@ -107,10 +109,12 @@ class EmbeddingsEngine:
         # and compiles nothing later requests would pay for.
         probe = self._encode([self._tokenizer.encode("hello")])
         self._dims = int(probe.shape[-1])
+        self.wired.hold(self._model)
         return LoadInfo(kind="embeddings", context_length=self._max_len, embedding_dims=self._dims)
 
     def close(self) -> None:
         self._jobs.clear()
+        self.wired.release()
         self._model = self._tokenizer = None
         mx.clear_cache()
 

@@ -57,6 +57,7 @@ from mlx_supervisor.worker.engines.lm_sampling import (
     token_logprob,
 )
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
+from mlx_supervisor.worker.engines.wired import Wired
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -97,6 +98,7 @@ class LMEngine:
         self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
         self.solo: Solo | None = None
         self._solo_uids = 0  # negative, so never a BatchGenerator uid
+        self.wired = Wired()  # solo and batch alike run inside the wired limit (Metal)
 
     # ---------------------------------------------------------------- load
 
@@ -115,6 +117,7 @@ class LMEngine:
                                   or text_cfg.get("max_position_embeddings") or 0)
         self.vocab_size = int(config.get("vocab_size") or text_cfg.get("vocab_size")
                               or len(tokenizer))
+        self.wired.hold(model)  # before the generator, which nests its own limit inside
         self._new_generator()
         return LoadInfo(kind="lm", context_length=self.context_length)
 
@@ -325,6 +328,7 @@ class LMEngine:
         self.running.clear()
         self.by_id.clear()
         self.prompt_cache = LRUPromptCache(max_size=1)
+        self.wired.release()
         self.model = self.tokenizer = None
         gc.collect()
         mx.clear_cache()
