@@ -82,6 +82,8 @@ class Config(Strict):
     max_queue: int = 64
     queue_timeout: float = 60.0
     max_body_bytes: int = 16 * 2**20
+    cors_origins: list[str] = []
+    """Browser origins allowed to call the API (CORS); empty = no CORS headers at all."""
     load_timeout: float = 300.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0

@@ -1,4 +1,6 @@
-"""The Starlette app: routes, one pure-ASGI middleware (request id, auth, access log), lifespan."""
+"""The Starlette app: routes, one pure-ASGI middleware (request id, auth, access log), CORS when
+configured, lifespan. Every answer is JSON in its API's shape, unknown routes and wrong methods
+included; a trailing slash on a known route is served, not redirected."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -31,6 +36,23 @@ log = logging.getLogger("mlx_supervisor.access")
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Operator routes (job history included) take the admin key when one is set, else the API key.
 ADMIN_PREFIXES = ("/admin/", "/v1/jobs", "/v1/queue")
+CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_HEADERS = ["authorization", "content-type", "x-api-key", "anthropic-version", "anthropic-beta",
+                "x-request-id", "openai-beta", "openai-organization", "openai-project"]
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with its preflight answers (``OK``, or 400 naming what was refused) as
+    JSON like every other answer. A refused origin gets no ``Access-Control-Allow-Origin``."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        plain = super().preflight_response(request_headers)
+        headers = {k: v for k, v in plain.headers.items() if k not in ("content-type", "content-length")}
+        if plain.status_code == 200:
+            return json_response({"status": "ok"}, headers=headers)
+        detail = bytes(plain.body).decode(errors="replace")
+        e = APIError(plain.status_code, f"CORS preflight refused: {detail}", code="cors_refused")
+        return Response(e.to_json(), status_code=e.status, headers=headers, media_type="application/json")
 
 
 def _token(headers: dict[bytes, bytes]) -> str | None:
@@ -56,6 +78,10 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):  # /v1/models/ is /v1/models, not a 307
+            path = path.rstrip("/") or "/"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _RID.match(given) else "req-" + uuid.uuid4().hex[:24]
@@ -78,7 +104,7 @@ class GatewayMiddleware:
         try:
             err = self._auth(scope["path"], headers)
             if err is not None:
-                await error_response(err)(scope, receive, send_with_id)
+                await error_response(err, scope)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
         finally:
@@ -124,12 +150,29 @@ class GatewayMiddleware:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc)
+    return error_response(exc, request.scope)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (wrong method, with ``Allow``), as JSON."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        e = APIError(404, f"no route {request.method} {request.url.path[:200]}", code="not_found")
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        e = APIError(405, f"method {request.method} is not allowed on {request.url.path[:200]}"
+                     + (f"; use {allow}" if allow else ""), code="method_not_allowed")
+    else:
+        e = APIError(exc.status_code, str(exc.detail), code="http_error")
+    resp = error_response(e, request.scope)
+    resp.headers.update(exc.headers or {})
+    return resp
 
 
 async def _bug(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"),
+                          request.scope)
 
 
 async def health(request: Request) -> Response:
@@ -175,7 +218,13 @@ def create_app(gateway: Gateway) -> Starlette:
         *gateway.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: _api_error, Exception: _bug})
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error,
+                                        Exception: _bug})
+    app.router.redirect_slashes = False  # the middleware strips a trailing slash instead
     app.state.gateway = gateway
     app.add_middleware(GatewayMiddleware, gateway=gateway)
+    if gateway.cfg.cors_origins:  # outermost: a preflight is answered before any key check
+        app.add_middleware(JSONCORSMiddleware, allow_origins=gateway.cfg.cors_origins,
+                           allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+                           expose_headers=["x-request-id", "retry-after"], max_age=600)
     return app

@@ -89,9 +89,19 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
                     media_type="application/json")
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
 def error_response(e: APIError, scope: Any = None) -> Response:
+    """``e`` as JSON in the shape of the API its request was for (``scope``'s path)."""
     headers = e.headers()
     rid = request_id_var.get()
     if rid != "-":
         headers["x-request-id"] = rid
-    return Response(e.to_json(), status_code=e.status, headers=headers, media_type="application/json")
+    anthropic = scope is not None and is_anthropic(scope.get("path", ""))
+    return Response(e.to_json(anthropic), status_code=e.status, headers=headers,
+                    media_type="application/json")

@@ -30,10 +30,24 @@ def _demo_model(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+CONFIG_HELP = "config file (default: $MLX_SUPERVISOR_CONFIG or ~/.config/mlx-supervisor/config.toml)"
+
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` before or after any sub-command, and in every sub-command's ``--help``.
+    Below the top level it defaults to SUPPRESS, so an absent one keeps the top level's value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any("--config" in a.option_strings for a in child._actions):
+                    child.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
+                _config_everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-supervisor", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="config file (default: $MLX_SUPERVISOR_CONFIG or ~/.config/mlx-supervisor/config.toml)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the gateway in the foreground")
@@ -57,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError:
             continue
         mod.add_commands(sub)
+    _config_everywhere(p)
     return p
 
 

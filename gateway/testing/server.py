@@ -71,7 +71,8 @@ class ServerProcess:
 
     def __init__(self, models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
                  workdir: Path | None = None, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, ready_timeout: float = 60.0):
+                 env: dict[str, str] | None = None, ready_timeout: float = 60.0,
+                 config_last: bool = False):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mlxsup-"))
         self.port = free_port()
         base = {"host": "127.0.0.1", "port": self.port, "run_dir": str(self.workdir / "run"),
@@ -83,6 +84,7 @@ class ServerProcess:
         self.extra_args = extra_args or []
         self.env = env or {}
         self.ready_timeout = ready_timeout
+        self.config_last = config_last  # `serve --config FILE` rather than `--config FILE serve`
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "gateway.log"
 
@@ -94,8 +96,9 @@ class ServerProcess:
         env = {**os.environ, "MLX_SUPERVISOR_DATA_DIR": str(self.workdir / "data"), **self.env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_supervisor.gateway.cli", "--config", str(self.config), "serve",
-             *self.extra_args],
+            [sys.executable, "-m", "mlx_supervisor.gateway.cli",
+             *(["serve", "--config", str(self.config)] if self.config_last
+               else ["--config", str(self.config), "serve"]), *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if wait_healthy(self.proc, self.url + "/health", self.ready_timeout):
             return self
