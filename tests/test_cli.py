@@ -190,3 +190,35 @@ def test_follow_survives_rotation(tmp_path: Path) -> None:
     log.write_text("two\nthree\n")
     t.join(5)
     assert seen == ["one", "two", "three"]
+
+
+def _commands(parser: object, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*prefix, name), child
+                yield from _commands(child, (*prefix, name))
+
+
+def test_config_goes_before_or_after_every_sub_command_and_is_in_each_help(home: CLIHome) -> None:
+    from mlx_supervisor.gateway.cli.main import build_parser
+
+    parser = build_parser()
+    commands = list(_commands(parser))
+    assert len(commands) > 15
+    for names, sub in commands:
+        assert "--config FILE" in sub.format_help(), names  # type: ignore[attr-defined]
+    assert parser.parse_args(["--config", "a.toml", "ps"]).config == "a.toml"
+    assert parser.parse_args(["ps", "--config", "b.toml"]).config == "b.toml"
+    assert parser.parse_args(["config", "check", "--config", "c.toml"]).config == "c.toml"
+    assert parser.parse_args(["ps"]).config is None
+    # For real: a config named after the sub-command is the one used.
+    other = home.root / "other.toml"
+    other.write_text("max_models = 'x'\n")
+    r = home.cli("config", "check", "--config", str(other))
+    assert r.returncode == 1 and "max_models" in r.stdout + r.stderr
+    r = home.cli("serve", "--config", str(other))
+    assert r.returncode == 2 and "max_models" in r.stderr

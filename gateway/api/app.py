@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_supervisor.gateway.api import admin as routes_admin
+from mlx_supervisor.gateway.api import anthropic as routes_anthropic
 from mlx_supervisor.gateway.api import openai as routes_openai
 from mlx_supervisor.gateway.api.gateway import (
     Gateway,
@@ -214,6 +215,7 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         *routes_openai.routes,
+        *routes_anthropic.routes,
         *routes_admin.routes,
         *gateway.routes,
     ]
