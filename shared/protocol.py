@@ -207,3 +207,50 @@ DATA_SUFFIX = b"\x00data"
 EXIT_LOAD_FAILED = 3
 EXIT_PARENT_GONE = 4
 EXIT_BAD_ARGS = 2
+
+
+# ---------------------------------------------------------------- gateway <-> zygote (fork server)
+# One SOCK_SEQPACKET socketpair per zygote (one message per packet); ``Fork`` carries one file
+# descriptor (the child's stderr pipe) as ancillary data. See worker/zygote.py.
+
+
+class Fork(Base, tag="fork"):
+    """Fork one worker: ``argv`` as for ``python -m mlx_supervisor.worker``, ``env`` its whole
+    environment."""
+
+    worker_id: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+class ZygoteHello(Base, tag="zygote_hello"):
+    """Imports done, ready to fork; ``threads`` is the OS thread count at that point."""
+
+    pid: int
+    import_seconds: float
+    threads: int
+    rss: int = 0
+
+
+class Forked(Base, tag="forked"):
+    worker_id: str
+    pid: int
+
+
+class ForkFailed(Base, tag="fork_failed"):
+    worker_id: str
+    reason: str
+
+
+ToZygote = Fork | Shutdown
+FromZygote = ZygoteHello | Forked | ForkFailed
+_to_zygote = msgspec.msgpack.Decoder(ToZygote)
+_from_zygote = msgspec.msgpack.Decoder(FromZygote)
+
+
+def decode_to_zygote(data: bytes) -> ToZygote:
+    return _to_zygote.decode(data)
+
+
+def decode_from_zygote(data: bytes) -> FromZygote:
+    return _from_zygote.decode(data)

@@ -50,6 +50,13 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
+def forget_parent() -> None:
+    """A worker forked by the zygote: the zygote's parent check does not apply to it; the next
+    :func:`set_parent_death_signal` reads the gateway's pid from the environment again."""
+    global _first_ppid
+    _first_ppid = None
+
+
 class ParentWatch:
     """Remembers the parent pid at start; ``gone()`` once we have been re-parented."""
 

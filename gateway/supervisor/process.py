@@ -80,6 +80,11 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def exited(self) -> bool:
+        """The process is gone (its ``Exited`` event may not have been handled yet)."""
+        return self.proc.returncode is not None
+
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         while True:

@@ -56,10 +56,11 @@ def make_engine(kind: str, *, context_length: int = 0) -> Engine:
     return cls()
 
 
-def preload(kind: str) -> None:
+def preload(kind: str, start_device: bool = True) -> None:
     """Import ``kind``'s heavy modules now (warm spare); a missing optional extra is only logged,
     the Load that needs it will fail with a clear reason. Then start MLX's device (on CUDA the
-    context and allocator take a few hundred ms), which a first load would otherwise pay."""
+    context and allocator take a few hundred ms), which a first load would otherwise pay; the
+    zygote passes ``start_device=False``: it must fork before any device exists."""
     for name in (*_HEAVY.get(kind, ()), _ENGINES.get(kind, ("", ""))[0]):
         if not name:
             continue
@@ -67,7 +68,7 @@ def preload(kind: str) -> None:
             importlib.import_module(name)
         except ImportError as e:
             log.warning("preload of %s for kind %s failed: %s", name, kind, e)
-    if "mlx.core" in _HEAVY.get(kind, ()):
+    if start_device and "mlx.core" in _HEAVY.get(kind, ()):
         try:
             import mlx.core as mx
 

@@ -1,0 +1,237 @@
+"""The gateway's side of the zygote (worker/zygote.py): start it, ask it for workers.
+
+A miss then costs a fork and a load, never an ``import mlx_lm`` (2 s on the CPU box, about 15 s
+on CUDA), however fast the misses come: the zygote forks one worker per request.
+
+- ``ForkServer.start`` spawns ``python -m mlx_supervisor.worker.zygote`` like a worker (own
+  session, stderr into our log) with one end of a ``SOCK_SEQPACKET`` socketpair, and makes this
+  process a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): the zygote's double fork hands
+  every worker to us. ``ready()`` waits for its ``ZygoteHello``.
+- ``fork`` sends ``Fork`` with the write end of a new stderr pipe and returns a
+  ``process.WorkerProcess`` around an ``AdoptedProcess``: the same stop path, stderr tail and
+  reaper as a spawned worker. Its exit is seen through a pidfd and reaped with ``waitpid``.
+- The zygote's own ``WorkerProcess`` (``proc``) is stopped, killed and reaped like a worker's;
+  when it dies, pending forks fail at once and the workers it forked keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+import sys
+
+import psutil
+
+from mlx_supervisor.gateway.supervisor.process import WorkerProcess
+from mlx_supervisor.shared.protocol import (
+    Fork,
+    Forked,
+    ForkFailed,
+    Shutdown,
+    ZygoteHello,
+    decode_from_zygote,
+    encode,
+)
+
+log = logging.getLogger("mlx_supervisor.supervisor")
+PR_SET_CHILD_SUBREAPER = 36
+FORK_TIMEOUT = 10.0
+
+
+def supported() -> bool:
+    """Forking is enabled on Linux only (macOS: see SUPERVISOR.md, 'The zygote and macOS')."""
+    return sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants (the zygote's workers) are re-parented to this process."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class AdoptedProcess:
+    """A child asyncio did not start (a worker the zygote forked, ours as subreaper), with the
+    part of ``asyncio.subprocess.Process`` that ``WorkerProcess`` uses."""
+
+    def __init__(self, pid: int, stderr: asyncio.StreamReader) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stderr = stderr
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not ours after all (no subreaper): it has exited, rc unknown
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._done.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+async def _pipe_reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(fd, "rb", 0))
+    return reader
+
+
+class ForkServer:
+    """One zygote: ``start()``, ``await ready()``, ``await fork(...)``, ``stop()``."""
+
+    def __init__(self, env: dict[str, str], kinds: str = "lm") -> None:
+        self.env = env
+        self.kinds = kinds
+        self.proc: WorkerProcess | None = None
+        self.hello: ZygoteHello | None = None
+        self._sock: socket.socket | None = None
+        self._ready: asyncio.Future[ZygoteHello] | None = None
+        self._pending: dict[str, asyncio.Future[int]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.proc.exited and self._sock is not None
+
+    def rss(self) -> int:
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss) if self.pid else 0
+        except psutil.Error:
+            return 0
+
+    async def start(self) -> WorkerProcess:
+        if not become_subreaper():
+            raise OSError("PR_SET_CHILD_SUBREAPER failed")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mlx_supervisor.worker.zygote",
+                "--control-fd", str(theirs.fileno()), "--kinds", self.kinds,
+                env=self.env, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, limit=1 << 20)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        loop.add_reader(ours.fileno(), self._on_readable)
+        self.proc = WorkerProcess(proc, "zygote")
+        return self.proc
+
+    async def ready(self, timeout: float) -> ZygoteHello:
+        assert self._ready is not None
+        return await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+
+    async def fork(self, worker_id: str, argv: list[str], env: dict[str, str],
+                   label: str) -> WorkerProcess:
+        """A worker forked from the zygote, as ``python -m mlx_supervisor.worker *argv``."""
+        if self._sock is None or self.hello is None:
+            raise RuntimeError("the zygote is not ready")
+        r, w = os.pipe()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[worker_id] = fut
+        try:
+            socket.send_fds(self._sock, [encode(Fork(worker_id=worker_id, argv=argv, env=env))],
+                            [w])
+        except OSError:
+            self._pending.pop(worker_id, None)
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        try:
+            pid = await asyncio.wait_for(fut, FORK_TIMEOUT)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            self._pending.pop(worker_id, None)
+        return WorkerProcess(AdoptedProcess(pid, await _pipe_reader(r)), label)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._closed("the zygote's control socket closed")
+            return
+        try:
+            msg = decode_from_zygote(data)
+        except Exception as e:
+            log.warning("dropping undecodable zygote frame (%d bytes): %s", len(data), e)
+            return
+        if isinstance(msg, ZygoteHello):
+            self.hello = msg
+            log.info("zygote pid=%d ready: imports in %.2fs, %d threads", msg.pid,
+                     msg.import_seconds, msg.threads)
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg)
+            return
+        fut = self._pending.get(msg.worker_id)
+        if fut is None or fut.done():
+            return
+        if isinstance(msg, Forked):
+            fut.set_result(msg.pid)
+        elif isinstance(msg, ForkFailed):
+            fut.set_exception(RuntimeError(f"zygote could not fork: {msg.reason}"))
+
+    def _closed(self, why: str) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        err = RuntimeError(why)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+            self._ready.exception()  # retrieved: nobody may be waiting
+
+    def send_shutdown(self) -> None:
+        """The first step of ``proc.stop``: ask the zygote to exit."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(encode(Shutdown(reason="stop")))
+
+    async def stop(self, grace: float = 2.0) -> int | None:
+        if self.proc is None:
+            return None
+        rc = await self.proc.stop(self.send_shutdown, grace)
+        self._closed("the zygote stopped")
+        return rc

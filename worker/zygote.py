@@ -1,0 +1,215 @@
+"""The zygote: a process that has imported the MLX stack and forks one worker per request.
+
+``python -m mlx_supervisor.worker.zygote --control-fd N [--kinds lm]``. Started by the gateway
+like a worker (own session, ``PR_SET_PDEATHSIG``, stderr into the gateway's log); it talks over
+one ``SOCK_SEQPACKET`` socket the gateway passed down (``Fork`` in, ``ZygoteHello``, ``Forked``,
+``ForkFailed`` out; see ``shared/protocol.py``).
+
+Rules it keeps:
+
+- **Nothing forks after an MLX device, stream or CUDA context exists.** The zygote only
+  imports (``preload(..., start_device=False)``): no array is built, nothing is evaluated. The
+  first device use is the child's own.
+- **A worker is the gateway's child, not ours.** The zygote forks an intermediate that forks the
+  worker and exits at once; the gateway is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so the
+  worker is re-parented to it. The gateway reaps it like any worker, a zygote crash leaves
+  every worker running, and the worker's ``PR_SET_PDEATHSIG`` (set once its parent is the
+  gateway) kills it when the gateway dies, ``kill -9`` included.
+- **Each worker starts clean**: its own session and process group (``setsid``), its own stderr
+  pipe (passed with ``Fork``), stdin/stdout on /dev/null, the environment the gateway gave it,
+  the default signal dispositions, a fresh MLX random seed, and its own ZeroMQ context and
+  sockets (``worker.main`` makes them; the zygote never has any).
+
+Linux only: on macOS, fork after the Objective-C runtime and Metal frameworks have loaded (which
+``import mlx.core`` does) is unsafe, so the gateway never starts a zygote there (see
+gateway/supervisor/SUPERVISOR.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from mlx_supervisor.shared.protocol import (
+    EXIT_PARENT_GONE,
+    Fork,
+    Forked,
+    ForkFailed,
+    Shutdown,
+    ZygoteHello,
+    decode_to_zygote,
+    encode,
+)
+from mlx_supervisor.worker import process_guard
+
+log = logging.getLogger("mlx_supervisor.zygote")
+REPARENT_TIMEOUT = 5.0  # seconds a new worker waits to become the gateway's child
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m mlx_supervisor.worker.zygote",
+                                 description="Import the MLX stack once; fork workers on request.")
+    ap.add_argument("--control-fd", type=int, required=True, help="SOCK_SEQPACKET to the gateway")
+    ap.add_argument("--kinds", default="lm", help="comma-separated kinds to import ahead")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    process_guard.set_parent_death_signal()
+    parent = process_guard.ParentWatch()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s zygote[{os.getpid()}] %(levelname)s "
+                                           "%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    log.propagate = False
+
+    from mlx_supervisor.worker.engines import preload
+
+    t0 = time.monotonic()
+    for kind in filter(None, args.kinds.split(",")):
+        preload(kind, start_device=False)
+    took = time.monotonic() - t0
+    threads = _threads()
+    ctl = socket.socket(fileno=args.control_fd)
+    ctl.send(encode(ZygoteHello(pid=os.getpid(), import_seconds=took, threads=threads,
+                                rss=_rss())))
+    log.info("imports for %s done in %.2fs (%d threads); ready to fork", args.kinds, took, threads)
+    return _serve(ctl, parent)
+
+
+def _serve(ctl: socket.socket, parent: process_guard.ParentWatch) -> int:
+    ctl.settimeout(1.0)
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 1)
+        except TimeoutError:
+            if parent.gone():
+                log.error("the gateway is gone; exiting")
+                return EXIT_PARENT_GONE
+            continue
+        if not data:
+            log.info("control socket closed; exiting")
+            return 0
+        try:
+            msg = decode_to_zygote(data)
+        except Exception as e:  # a bad frame is dropped, never fatal
+            log.warning("dropping undecodable frame (%d bytes): %s", len(data), e)
+            for fd in fds:
+                os.close(fd)
+            continue
+        if isinstance(msg, Shutdown):
+            log.info("shutdown requested; exiting")
+            return 0
+        if not fds:
+            ctl.send(encode(ForkFailed(worker_id=msg.worker_id, reason="no stderr fd")))
+            continue
+        try:
+            pid = _fork(ctl, msg, fds[0], parent.original)
+        except Exception as e:
+            log.exception("fork for %s failed", msg.worker_id)
+            ctl.send(encode(ForkFailed(worker_id=msg.worker_id, reason=f"{type(e).__name__}: {e}")))
+            continue
+        finally:
+            for fd in fds:
+                os.close(fd)
+        log.info("forked %s as pid %d", msg.worker_id, pid)
+        ctl.send(encode(Forked(worker_id=msg.worker_id, pid=pid)))
+
+
+def _fork(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> int:
+    """Fork an intermediate that forks the worker and exits; the worker's pid."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _child(ctl, msg, errfd, gateway)  # never returns
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(middle, 0)
+    if not out:
+        raise RuntimeError("the intermediate process reported no pid")
+    return int(out)
+
+
+def _child(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> None:
+    """The worker, from the fork on: start clean, become the gateway's child, run worker.main."""
+    code = 1
+    try:
+        ctl.close()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        os.dup2(errfd, 2)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        os.environ.clear()
+        os.environ.update(msg.env)
+        deadline = time.monotonic() + REPARENT_TIMEOUT
+        while os.getppid() != gateway:  # the intermediate is exiting: we go to the subreaper
+            if time.monotonic() > deadline:
+                os._exit(EXIT_PARENT_GONE)
+            time.sleep(0.0005)
+        process_guard.forget_parent()  # main() sets the death signal against the gateway
+        _reseed()
+        sys.argv = ["mlx_supervisor.worker", *msg.argv]
+        from mlx_supervisor.worker.main import main as worker_main
+
+        code = worker_main(msg.argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reseed() -> None:
+    """Forked children would share the zygote's random state: each draws its own seeds."""
+    import random
+
+    random.seed()
+    if "mlx.core" in sys.modules:
+        import mlx.core as mx
+
+        mx.random.seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0
+
+
+if __name__ == "__main__":
+    process_guard.set_parent_death_signal()  # before the imports: die with the gateway
+    raise SystemExit(main())
