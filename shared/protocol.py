@@ -2,8 +2,8 @@
 
 Every message is a msgspec Struct in one tagged union, encoded as msgpack. The ROUTER in the
 gateway sees ``[routing_id, payload]`` frames; a worker's DEALER sends bare ``payload`` frames.
-A frame that does not decode raises ``msgspec.DecodeError`` from :func:`decode`; callers log
-and drop it, never crash on it.
+A frame that does not decode raises ``msgspec.DecodeError`` (or ``ValidationError``) from
+:func:`decode_from_worker` / :func:`decode_to_worker`; callers log and drop it, never crash on it.
 """
 
 from __future__ import annotations
@@ -206,7 +206,6 @@ DATA_SUFFIX = b"\x00data"
 # Exit codes a worker reserves so the gateway can tell why it ended (as gunicorn does at boot).
 EXIT_LOAD_FAILED = 3
 EXIT_PARENT_GONE = 4
-EXIT_BAD_ARGS = 2
 
 
 # ---------------------------------------------------------------- gateway <-> zygote (fork server)

@@ -17,7 +17,7 @@ The io (main) thread alone touches the gateway's lifecycle DEALER: it forwards w
 pushes (Ready, LoadFailed; per-request replies leave on the MLX thread's own data DEALER), queues what the gateway sends, sends heartbeats on time even while the MLX thread is
 busy loading or decoding, and decides when the process ends. Exit codes: 0 after Shutdown,
 ``EXIT_LOAD_FAILED`` (3) after a failed load, ``EXIT_PARENT_GONE`` (4) when the gateway went away
-(re-parented, or silent for ``--gateway-timeout`` s), ``EXIT_BAD_ARGS`` (2) from argparse.
+(re-parented, or silent for ``--gateway-timeout`` s), 2 from argparse (bad arguments).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ log = logging.getLogger("mlx_supervisor.worker")
 
 OUT_ADDR = "inproc://mlx-out"
 SHUTDOWN_GRACE = 2.0  # seconds the MLX thread gets to finish its current step on Shutdown
-EXIT_BACKSTOP = 1.0
-BURST = 256  # messages moved per socket per loop turn  # seconds for socket teardown before we exit regardless
+EXIT_BACKSTOP = 1.0  # seconds for socket teardown before we exit regardless
+BURST = 256  # messages moved per socket per loop turn
 
 
 class _Prefix(logging.Formatter):

@@ -7,7 +7,7 @@ which parameter is wrong and what would be right.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -81,12 +81,6 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: str = "float"
     dimensions: Annotated[int, msgspec.Meta(lt=2**32)] | None = None
     user: str | None = None
-
-
-class ModelOnly(msgspec.Struct):
-    """Just enough of a body to route it before the full decode."""
-
-    model: Any = None
 
 
 T = TypeVar("T")

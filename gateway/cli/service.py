@@ -21,7 +21,6 @@ UNIT = "mlx-supervisor.service"
 # Passed through to the service when set here, so it finds the same models and directories.
 PASS_ENV = ("MLX_SUPERVISOR_RUN_DIR", "MLX_SUPERVISOR_LOG_DIR", "MLX_SUPERVISOR_DATA_DIR",
             "HF_HOME", "HF_HUB_CACHE")
-PLATFORMS = ("macos", "linux")
 
 
 @dataclass
