@@ -12,6 +12,10 @@ from typing import Any
 
 import msgspec
 
+PROTOCOL_VERSION = 1
+"""Bumped with any change to a message a peer of another version would misread. A worker says
+its version in ``Hello``; the gateway's transport refuses a mismatch as a load failure."""
+
 
 class Base(msgspec.Struct, tag_field="t", omit_defaults=True, forbid_unknown_fields=False):
     """Common base: tagged by class name so the union decodes without a schema lookup."""
@@ -102,6 +106,8 @@ class Hello(Base, tag="hello"):
     """First message after connect: the worker is alive and loading."""
 
     pid: int
+    protocol: int = 0
+    """The sender's ``PROTOCOL_VERSION``; 0 is a worker from before versions were sent."""
 
 
 class Ready(Base, tag="ready"):

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 from mlx_supervisor.gateway.testing.server import alive as _alive
@@ -156,8 +157,11 @@ def test_kill_9_mid_stream_fails_that_stream_only_and_respawns() -> None:
         r = chat(srv, "victim")
         assert r.choices[0].message.content
         assert hot(srv)["victim"]["pid"] != pid
-        info = httpx.get(srv.url + "/v1/models/victim").json()
-        assert "SIGKILL" in (info["last_error"] or "") or info["state"] == "ready"
+        # The respawn's Ready cleared last_error; the crash and its cause stay counted.
+        crashes = {tuple(sorted(s.labels.items())): s.value
+                   for fam in text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
+                   for s in fam.samples if s.name == "mlx_supervisor_worker_crashes_total"}
+        assert crashes == {(("model", "victim"), ("reason", "sigkill")): 1.0}, crashes
 
 
 def test_a_hung_worker_is_killed_and_replaced() -> None:

@@ -19,7 +19,7 @@ def _ps(srv: ServerProcess) -> dict[str, Any]:
 
 def _spare(srv: ServerProcess, ready: bool = True) -> dict[str, Any] | None:
     for w in _ps(srv)["workers"]:
-        if w["spare"] and (not ready or w["state"] == "loading"):
+        if w["spare"] and (not ready or w["state"] == "idle"):
             return w
     return None
 

@@ -13,6 +13,7 @@ import psutil
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
     EXIT_PARENT_GONE,
+    PROTOCOL_VERSION,
     Cancel,
     Chunk,
     Done,
@@ -43,7 +44,7 @@ def drain(w, seconds: float) -> list:
 
 def test_lm_worker_serves_streams_cancels_and_shuts_down(workers, demo_model_dir: Path):
     w = workers.spawn("tiny", "lm", demo_model_dir, heartbeat=0.2)
-    assert w.recv(timeout=30) == Hello(pid=w.pid)
+    assert w.recv(timeout=30) == Hello(pid=w.pid, protocol=PROTOCOL_VERSION)
     ready = w.recv(timeout=30)
     assert isinstance(ready, Ready), ready
     assert ready.kind == "lm" and ready.context_length == 2048 and ready.pid == w.pid

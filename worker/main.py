@@ -36,6 +36,7 @@ import zmq
 from mlx_supervisor.shared.protocol import (
     DATA_SUFFIX,
     EXIT_PARENT_GONE,
+    PROTOCOL_VERSION,
     Heartbeat,
     Hello,
     Load,
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id, endpoint=args.endpoint,
                     data_id=args.worker_id.encode() + DATA_SUFFIX)
     mlx.start()
-    dealer.send(encode(Hello(pid=os.getpid())))
+    dealer.send(encode(Hello(pid=os.getpid(), protocol=PROTOCOL_VERSION)))
     log.info("hello sent to %s as %s", args.endpoint, args.worker_id)
     if not args.spare:
         mlx.inbox.put(Load(model_id=args.model_id, path=args.path, kind=args.kind,

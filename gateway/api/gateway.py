@@ -1,4 +1,4 @@
-"""What every route shares: the ``Gateway`` (config, catalog view, supervisor, observers) and the
+"""What every route shares: the ``Gateway`` (config, catalog view, supervisor, event bus) and the
 small HTTP helpers (bounded body reads, msgspec JSON responses, OpenAI-shaped errors)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from mlx_supervisor.gateway.api.run import Observer, Outcome
+from mlx_supervisor.gateway.api.run import Outcome, RequestEvent
 from mlx_supervisor.gateway.catalog import Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
@@ -27,7 +27,10 @@ class Gateway:
     def __init__(self, cfg: Config, sup: Supervisor):
         self.cfg = cfg
         self.sup = sup
-        self.observers: list[Observer] = [self._forget_finished]
+        # The one event bus: the supervisor's events and the requests' (RequestEvent). Observers
+        # (metrics, status page, jobs, ledger) subscribe here; none is process-global.
+        self.bus = sup.bus
+        self.bus.subscribe(RequestEvent, self._forget_finished)
         self.active_ids: set[str] = set()  # request ids in flight (a stream and a ledger row each)
         self.warnings: list[str] = []
         self.image_fetcher: Callable[[list[str]], Any] | None = None
@@ -46,16 +49,13 @@ class Gateway:
                            param="model", code="model_not_found")
         return self.sup.slots[mid].entry
 
-    def _forget_finished(self, event: str, outcome: Outcome) -> None:
-        if event == "finished":
-            self.active_ids.discard(outcome.request_id)
+    def _forget_finished(self, ev: RequestEvent) -> None:
+        if ev.phase == "finished":
+            self.active_ids.discard(ev.outcome.request_id)
 
-    def observe(self, event: str, outcome: Outcome) -> None:
-        for fn in self.observers:
-            try:
-                fn(event, outcome)
-            except Exception:
-                log.exception("observer failed")
+    def observe(self, phase: str, outcome: Outcome) -> None:
+        """Publish a request's move on the bus (the routes' one way to tell observers)."""
+        self.bus.publish(RequestEvent(phase, outcome))
 
     async def fetch_images(self, urls: list[str]) -> list[bytes]:
         if self.image_fetcher is None:

@@ -37,7 +37,7 @@ async def start_run(request: Request, gw: Gateway, model_id: str, route: str,
 
     async def go() -> Run:
         lease = await gw.sup.acquire(model_id, msg.id)
-        run = Run(gw.sup, lease, msg, outcome, gw.observers)
+        run = Run(gw.sup, lease, msg, outcome, gw.bus)
         runs.append(run)
         await run.start()
         return run

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 
+from mlx_supervisor.gateway.bus import Bus
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.supervisor.model import Lease
@@ -77,19 +78,24 @@ class Outcome:
     body: p.Generate | p.Embed | None = None  # the decoded request, for ledger.store_bodies
 
 
-Observer = Callable[[str, Outcome], None]
+class RequestEvent(msgspec.Struct, frozen=True):
+    """A request moved (queued, started, first_token, finished), on the gateway's bus; the
+    ``Outcome`` is the request's live record, so an observer that keeps it must copy it."""
+
+    phase: str
+    outcome: Outcome
 
 
 class Run:
     """One request on one worker: ``start()`` sends it and waits for the first reply."""
 
     def __init__(self, sup: Supervisor, lease: Lease, msg: p.Generate | p.Embed, outcome: Outcome,
-                 observers: list[Observer]):
+                 bus: Bus):
         self.sup = sup
         self.lease = lease
         self.msg = msg
         self.outcome = outcome
-        self.observers = observers
+        self.bus = bus
         self.stream: RequestStream = sup.transport.open_stream(msg.id, lease.worker_id)
         self._first: p.FromWorker | None = None
         self._closed = False
@@ -97,10 +103,8 @@ class Run:
         outcome.t_started = time.time()
         self._notify("started")
 
-    def _notify(self, event: str) -> None:
-        for fn in self.observers:
-            with contextlib.suppress(Exception):
-                fn(event, self.outcome)
+    def _notify(self, phase: str) -> None:
+        self.bus.publish(RequestEvent(phase, self.outcome))
 
     async def start(self) -> None:
         """Send the request; raise the worker's early error (bad prompt) as a proper HTTP error."""

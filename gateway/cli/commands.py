@@ -17,6 +17,7 @@ from typing import Any
 
 from mlx_supervisor.gateway.cli import config_cmd, daemon, logtail
 from mlx_supervisor.gateway.cli.client import GatewayError, NotRunning, Target, model_path, target
+from mlx_supervisor.gateway.supervisor.states import HOT
 from mlx_supervisor.shared.config import ConfigError
 from mlx_supervisor.shared.sizes import format_size
 
@@ -117,7 +118,7 @@ def cmd_status(args: argparse.Namespace, t: Target) -> int:
     except NotRunning:
         _err(f"pid {pid} is running but does not answer at {url}")
         return FAILED
-    hot = [w for w in snap["workers"] if w["state"] in ("starting", "loading", "ready", "draining")]
+    hot = [w for w in snap["workers"] if w["state"] in {s.value for s in HOT}]
     info = t.info
     data = {"running": True, "pid": pid, "url": url, "uptime": snap["uptime"],
             "config": info.config if info else None, "log_file": info.log_file if info else None,

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response
-from mlx_supervisor.gateway.api.run import Outcome
+from mlx_supervisor.gateway.api.run import Outcome, RequestEvent
 from mlx_supervisor.gateway.errors import APIError, bad_request
 from mlx_supervisor.gateway.observe.ledger import (
     STATUSES,
@@ -55,7 +55,8 @@ class Jobs:
         self.live: dict[str, Outcome] = {}
         self._settled: dict[str, list[asyncio.Future[Outcome]]] = {}
 
-    def observe(self, event: str, o: Outcome) -> None:
+    def observe(self, ev: RequestEvent) -> None:
+        event, o = ev.phase, ev.outcome
         rid = o.request_id
         if event == "queued":
             self.live[rid] = o
@@ -211,7 +212,7 @@ def attach(gw: Gateway) -> None:
             log.error("%s; serving without a request ledger", e)
             gw.warnings.append(f"{e}; serving without a request ledger")
     jobs = Jobs(gw, ledger, disabled)
-    gw.observers.append(jobs.observe)
+    gw.bus.subscribe(RequestEvent, jobs.observe)
     if ledger is not None:
         gw.shutdown_hooks.append(ledger.close)
     gw.routes += [

@@ -1,8 +1,8 @@
 """``GET /metrics``: Prometheus text exposition from a registry owned by this gateway.
 
-Counters and histograms are fed by two cheap callbacks: the request observer acts once per
-request (on ``finished``, from numbers the ``Outcome`` already holds) and the supervisor hooks
-once per lifecycle event. Everything that is a *level* (memory, queue depth, in flight, hot
+Counters and histograms are fed from the gateway's bus by two cheap subscribers: the request
+observer acts once per request (on ``finished``, from numbers the ``Outcome`` already holds) and
+the lifecycle observer once per supervisor event. Everything that is a *level* (memory, queue depth, in flight, hot
 workers) is read from the supervisor at scrape time by a custom collector, so it can never drift
 from the truth the way inc/dec gauges do after a crash. The registry is per gateway, never the
 process-global default, so several apps (tests) in one process don't collide.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 from collections import Counter as Tally
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,7 +31,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mlx_supervisor.gateway.api.gateway import Gateway
-from mlx_supervisor.gateway.api.run import Outcome
+from mlx_supervisor.gateway.api.run import RequestEvent
+from mlx_supervisor.gateway.supervisor import events as ev
+from mlx_supervisor.gateway.supervisor.events import SupervisorEvent
+from mlx_supervisor.gateway.supervisor.states import HOT, State
 
 NS = "mlx_supervisor"
 # Seconds: from a few ms (fake/tiny models) to minutes (a long answer from a big model).
@@ -102,10 +104,11 @@ class Metrics:
         r.register(SupervisorCollector(gw))
         ProcessCollector(namespace=f"{NS}_gateway", registry=r)
 
-    def observe(self, event: str, o: Outcome) -> None:
+    def observe(self, ev: RequestEvent) -> None:
         """Request observer: all work happens once, at ``finished``."""
-        if event != "finished":
+        if ev.phase != "finished":
             return
+        o = ev.outcome
         self.requests.labels(o.model, o.route, o.status).inc()
         if o.prompt_tokens:
             self.prompt_tokens.labels(o.model).inc(o.prompt_tokens)
@@ -120,25 +123,24 @@ class Metrics:
             if o.completion_tokens > 1 and decode > 0:
                 self.tps.labels(o.model).observe((o.completion_tokens - 1) / decode)
 
-    def on_hook(self, kind: str, data: dict[str, Any]) -> None:
-        """Supervisor hook: lifecycle counters."""
-        model = str(data.get("model", ""))
-        if kind == "granted":
-            self.queue_wait.labels(model).observe(float(data.get("waited", 0.0)))
-        elif kind == "spawning":
+    def on_event(self, e: SupervisorEvent) -> None:
+        """Lifecycle counters."""
+        model = e.model
+        if isinstance(e, ev.Granted):
+            self.queue_wait.labels(model).observe(e.waited)
+        elif isinstance(e, ev.Spawning):
             self.spawns.labels(model).inc()
-        elif kind == "ready":
+        elif isinstance(e, ev.WorkerReady):
             self.loads.labels(model).inc()
-            self.load_seconds.labels(model).observe(float(data.get("load_seconds", 0.0)))
-        elif kind == "evicted":
+            self.load_seconds.labels(model).observe(e.load_seconds)
+        elif isinstance(e, ev.Evicted):
             self.evictions.labels(model).inc()
-        elif kind == "ttl":
+        elif isinstance(e, ev.TtlExpired):
             self.ttl_unloads.labels(model).inc()
-        elif kind == "stopped":
+        elif isinstance(e, ev.WorkerStopped):
             self.stops.labels(model).inc()
-        elif kind == "crashed":
-            self.crashes.labels(model, crash_reason(str(data.get("reason", "")),
-                                                    data.get("returncode"))).inc()
+        elif isinstance(e, ev.WorkerCrashed):
+            self.crashes.labels(model, crash_reason(e.reason, e.returncode)).inc()
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -161,7 +163,7 @@ class SupervisorCollector(Collector):
                                 value=snap["used_bytes"])
         yield GaugeMetricFamily(f"{NS}_max_models", "Cap on hot workers (0: none).",
                                 value=snap["max_models"] or 0)
-        hot = [w for w in snap["workers"] if w["state"] in ("starting", "loading", "ready", "draining")]
+        hot = [w for w in snap["workers"] if State(w["state"]) in HOT]
         yield GaugeMetricFamily(f"{NS}_hot_workers", "Worker processes alive (any hot state).",
                                 value=len(hot))
         by_state: Tally[tuple[str, str]] = Tally()
@@ -200,7 +202,7 @@ def attach(gw: Gateway) -> Metrics:
     # ``*_created`` series double the scrape for no use here (this process owns its registry).
     disable_created_metrics()
     m = Metrics(gw)
-    gw.observers.append(m.observe)
-    gw.sup.hooks.append(m.on_hook)
+    gw.bus.subscribe(RequestEvent, m.observe)
+    gw.bus.subscribe(SupervisorEvent, m.on_event)
     gw.routes.append(Route("/metrics", m.endpoint, methods=["GET"]))
     return m

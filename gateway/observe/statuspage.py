@@ -1,8 +1,8 @@
 """The live status page: ``/`` and ``/static/*`` (public, no build step), ``GET /admin/status``
 (one JSON document the page polls) and ``GET /admin/events`` (server-sent lifecycle events).
 
-Events come from the supervisor hooks and from state transitions into one ring buffer of the
-last ``RING`` events. A new subscriber gets the backlog first (only what it has not seen, when
+Events come from the gateway's bus (supervisor events and state transitions) into one ring
+buffer of the last ``RING`` events. A new subscriber gets the backlog first (only what it has not seen, when
 it reconnects with ``Last-Event-ID``), then live events. Each subscriber has a bounded queue: a
 browser that stops reading is cut off instead of growing our memory; its ``fetch`` reconnects
 and resumes from its last id.
@@ -25,18 +25,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response
-from mlx_supervisor.gateway.supervisor import states
-from mlx_supervisor.gateway.supervisor.states import HasState, State
+from mlx_supervisor.gateway.supervisor import events as ev
+from mlx_supervisor.gateway.supervisor.states import State
 
 STATIC = Path(__file__).parent / "static"
 RING = 200
 SUBSCRIBER_QUEUE = 256
 KEEPALIVE = 15.0  # seconds between SSE comments, which also reveal a vanished client
 POLL = 1.0  # how often an idle stream checks whether the gateway is shutting down
-# Hook kinds worth a line on the page; per-request queued/granted would drown the rest.
-HOOK_KINDS = frozenset({"spawning", "ready", "evicted", "ttl", "stopped", "crashed"})
-# Transitions the hooks do not already report.
-TRANSITION_KINDS = {State.LOADING: "loading", State.DRAINING: "draining"}
+# Events worth a line on the page; per-request Queued/Granted would drown the rest.
+SHOWN = (ev.Spawning, ev.WorkerReady, ev.Evicted, ev.TtlExpired, ev.WorkerStopped, ev.WorkerCrashed)
+# Transitions the other events do not already report.
+TRANSITION_KINDS = {State.LOADING.value: "loading", State.DRAINING.value: "draining"}
 
 
 class Subscriber:
@@ -46,7 +46,7 @@ class Subscriber:
 
 
 class EventHub:
-    """Ring buffer plus fan-out. Called only from the event loop's thread (hooks, transitions)."""
+    """Ring buffer plus fan-out. Called only from the event loop's thread (the bus)."""
 
     def __init__(self, size: int = RING, queue_size: int = SUBSCRIBER_QUEUE):
         self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
@@ -85,15 +85,12 @@ class StatusPage:
         self.gw = gw
         self.hub = hub
 
-    def on_hook(self, kind: str, data: dict[str, Any]) -> None:
-        if kind in HOOK_KINDS:
-            self.hub.publish(kind, **data)
-
-    def on_transition(self, w: HasState, old: State, new: State, reason: str) -> None:
-        kind = TRANSITION_KINDS.get(new)
-        # The listener list is process-wide: keep only this gateway's workers.
-        if kind and getattr(w, "worker_id", None) in self.gw.sup.workers:
-            self.hub.publish(kind, model=w.model_id, pid=w.pid, reason=reason, previous=old.value)
+    def on_event(self, e: ev.SupervisorEvent) -> None:
+        if isinstance(e, SHOWN):
+            self.hub.publish(e.kind, **msgspec.structs.asdict(e))
+        elif isinstance(e, ev.Transitioned) and e.new in TRANSITION_KINDS:
+            self.hub.publish(TRANSITION_KINDS[e.new], model=e.model, pid=e.pid, reason=e.reason,
+                             previous=e.old)
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
@@ -139,13 +136,7 @@ class StatusPage:
 def attach(gw: Gateway) -> StatusPage:
     """Plugin entry point (see serve.PLUGINS)."""
     page = StatusPage(gw, EventHub())
-    gw.sup.hooks.append(page.on_hook)
-    states.on_transition(page.on_transition)
-
-    async def forget_listener() -> None:
-        states.off_transition(page.on_transition)
-
-    gw.shutdown_hooks.append(forget_listener)
+    gw.bus.subscribe(ev.SupervisorEvent, page.on_event)
     gw.routes += [
         Route("/", page.index, methods=["GET"]),
         Route("/admin/status", page.status, methods=["GET"]),

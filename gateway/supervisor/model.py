@@ -1,5 +1,6 @@
 """The supervisor's data: one ``Worker`` per spawned process, one ``Slot`` per catalog model,
-and the events its loop consumes. Plain data only; the behaviour lives in supervisor.py."""
+and the events its loop consumes. Plain data only; the behaviour lives in the handler modules
+(see SUPERVISOR.md)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mlx_supervisor.gateway.catalog import Entry
-from mlx_supervisor.gateway.supervisor.states import HOT, State
+from mlx_supervisor.gateway.supervisor.states import HOT, SlotState, State
 from mlx_supervisor.shared import protocol as p
 
-if TYPE_CHECKING:
-    from mlx_supervisor.gateway.supervisor.process import WorkerProcess
+
+class Proc(Protocol):
+    """What the handlers read of a worker's process (``process.WorkerProcess``, or a test's fake)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exited(self) -> bool: ...
+    stderr_tail: collections.deque[str]
 
 
 @dataclass(eq=False)
@@ -25,23 +33,24 @@ class Worker:
     kind: str
     state: State = State.STARTING
     pid: int | None = None
-    proc: WorkerProcess | None = None
-    started_at: float = field(default_factory=time.time)
-    ready_at: float | None = None
-    last_used: float = field(default_factory=time.monotonic)
+    proc: Proc | None = None
+    started_at: float = field(default_factory=time.time)  # wall clock, for display
+    load_started: float = field(default_factory=time.monotonic)  # spawn or adoption; load_timeout
+    last_used_mono: float = field(default_factory=time.monotonic)  # last grant or release; LRU, ttl
     last_heartbeat: float = field(default_factory=time.monotonic)
     memory: p.Memory | None = None
     inflight: int = 0
     worker_inflight: int = 0  # what the worker itself last reported running
     context_length: int = 0
     load_seconds: float = 0.0
-    kill_reason: str | None = None
+    kill_reason: str | None = None  # set: its exit is a crash with this reason (killed, load failed)
     stop_reason: str | None = None
-    stopping: bool = False
-    spare: bool = False
+    killed_in: State | None = None  # the state it was killed in (a killed loader failed to load)
+    spare: bool = False  # the warm spare (no model yet); False once adopted
     reserved: bool = False
     recycle: bool = False  # grew past its share while the ledger was over budget
     ranks: list[p.RankInfo] = field(default_factory=list)  # a sharded group's ranks
+    exit_waiters: list[asyncio.Future[Any]] = field(default_factory=list)  # unload: resolved on reap
 
     @property
     def bytes(self) -> int:
@@ -74,12 +83,21 @@ class Slot:
     waiters: collections.deque[Waiter] = field(default_factory=collections.deque)
     load_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
     crashes: collections.deque[float] = field(default_factory=collections.deque)
-    failed_until: float = 0.0
-    respawn_at: float = 0.0
+    state: SlotState = SlotState.COLD
+    failed_until: float = 0.0  # monotonic; FAILED until then
+    respawn_at: float = 0.0  # monotonic; BACKING_OFF until then
     last_error: str | None = None
-    pending_admission: bool = False
-    last_used: float | None = None
+    last_used_wall: float | None = None  # wall clock of the last grant or release, for display
     loads: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.entry.id
+
+    @property
+    def pending(self) -> bool:
+        """An admission waits (for reaps, or for the crash backoff)."""
+        return self.state in (SlotState.PENDING, SlotState.BACKING_OFF)
 
 
 @dataclass(eq=False)
@@ -124,7 +142,7 @@ class Release:
 @dataclass
 class Spawned:
     worker: Worker
-    proc: WorkerProcess | None
+    proc: Proc | None
     error: str | None = None
 
 
@@ -142,7 +160,7 @@ class Exited:
 
 @dataclass
 class Tick:
-    pass
+    """Every ``loop.TICK`` seconds: the timers (timers.due) run."""
 
 
 @dataclass

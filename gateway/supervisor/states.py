@@ -1,10 +1,11 @@
-"""The worker state machine: one enum, one table of legal moves, one ``transition()``."""
+"""The state machines: one enum and one table of legal moves for a worker, one for a model's
+slot, and one ``transition()`` for each that checks the move and logs it. Observers hear of a
+move through the gateway's bus (``core.move`` publishes it); nothing here is process-global."""
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger("mlx_supervisor.state")
@@ -12,23 +13,49 @@ log = logging.getLogger("mlx_supervisor.state")
 
 class State(str, enum.Enum):
     STARTING = "starting"  # process spawned, not yet connected
+    IDLE = "idle"  # a warm spare: connected, imports done, no model yet
     LOADING = "loading"  # connected, weights loading
     READY = "ready"  # serving; may have requests in flight
     DRAINING = "draining"  # no new requests; stopped once the in-flight ones finish
+    STOPPING = "stopping"  # asked to exit (Shutdown, then SIGTERM, then SIGKILL); not yet reaped
+    KILLING = "killing"  # no longer trusted (hung, failed load): SIGKILLed, not yet reaped
     STOPPED = "stopped"  # process exited after we asked it to
-    CRASHED = "crashed"  # exited unasked, failed to load, or missed heartbeats
+    CRASHED = "crashed"  # exited unasked, failed to load, or killed
 
 
 S = State
+_ENDS = frozenset({S.KILLING, S.CRASHED})
 LEGAL: dict[State, frozenset[State]] = {
-    S.STARTING: frozenset({S.LOADING, S.READY, S.DRAINING, S.CRASHED}),
-    S.LOADING: frozenset({S.READY, S.DRAINING, S.CRASHED}),
-    S.READY: frozenset({S.DRAINING, S.CRASHED}),
-    S.DRAINING: frozenset({S.STOPPED, S.CRASHED}),
+    S.STARTING: frozenset({S.IDLE, S.LOADING, S.READY, S.DRAINING, S.STOPPING}) | _ENDS,
+    S.IDLE: frozenset({S.LOADING, S.DRAINING, S.STOPPING}) | _ENDS,
+    S.LOADING: frozenset({S.READY, S.DRAINING, S.STOPPING}) | _ENDS,
+    S.READY: frozenset({S.DRAINING, S.STOPPING}) | _ENDS,
+    S.DRAINING: frozenset({S.STOPPING, S.STOPPED}) | _ENDS,
+    S.STOPPING: frozenset({S.STOPPED}) | _ENDS,
+    S.KILLING: frozenset({S.CRASHED}),
     S.STOPPED: frozenset(),
     S.CRASHED: frozenset(),
 }
-HOT = frozenset({S.STARTING, S.LOADING, S.READY, S.DRAINING})
+HOT = frozenset({S.STARTING, S.IDLE, S.LOADING, S.READY, S.DRAINING, S.STOPPING, S.KILLING})
+LEAVING = frozenset({S.DRAINING, S.STOPPING, S.KILLING})  # on its way out: its bytes free soon
+EXITING = frozenset({S.STOPPING, S.KILLING})  # the stop or kill path already runs
+
+
+class SlotState(str, enum.Enum):
+    """A model's admission, whatever its worker does."""
+
+    COLD = "cold"  # nothing wanted, or admitted (the worker, if any, says the rest)
+    PENDING = "pending"  # admitted, waiting for the reaps that make room
+    BACKING_OFF = "backing_off"  # crashed recently: the respawn waits for ``respawn_at``
+    FAILED = "failed"  # crashed ``max_crashes`` times: refused until ``failed_until``
+
+
+SLOT_LEGAL: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.COLD: frozenset({SlotState.PENDING, SlotState.BACKING_OFF, SlotState.FAILED}),
+    SlotState.PENDING: frozenset({SlotState.COLD, SlotState.BACKING_OFF, SlotState.FAILED}),
+    SlotState.BACKING_OFF: frozenset({SlotState.COLD, SlotState.PENDING, SlotState.FAILED}),
+    SlotState.FAILED: frozenset({SlotState.COLD}),
+}
 
 
 class HasState(Protocol):
@@ -37,34 +64,32 @@ class HasState(Protocol):
     state: State
 
 
+class HasSlotState(Protocol):
+    @property
+    def model_id(self) -> str: ...
+    state: SlotState
+
+
 class IllegalTransition(RuntimeError):
     pass
 
 
-Listener = Callable[[HasState, State, State, str], None]
-_listeners: list[Listener] = []
-
-
-def on_transition(fn: Listener) -> Listener:
-    """Subscribe to every transition (metrics, the event stream of the status page)."""
-    _listeners.append(fn)
-    return fn
-
-
-def off_transition(fn: Listener) -> None:
-    """Unsubscribe (a gateway that shuts down in a process that lives on, as in tests)."""
-    if fn in _listeners:
-        _listeners.remove(fn)
-
-
-def transition(w: HasState, new: State, reason: str) -> None:
+def transition(w: HasState, new: State, reason: str) -> State:
+    """Check and make one move; returns the old state."""
     old = w.state
     if new not in LEGAL[old]:
         raise IllegalTransition(f"{w.model_id}: {old.value} -> {new.value} ({reason})")
     w.state = new
     log.info("model=%s pid=%s %s->%s reason=%s", w.model_id, w.pid, old.value, new.value, reason)
-    for fn in list(_listeners):
-        try:
-            fn(w, old, new, reason)
-        except Exception:  # a broken listener must not break the supervisor
-            log.exception("transition listener failed")
+    return old
+
+
+def slot_transition(s: HasSlotState, new: SlotState, reason: str) -> None:
+    """The slot's move; staying put is no move (admission is retried often)."""
+    old = s.state
+    if new is old:
+        return
+    if new not in SLOT_LEGAL[old]:
+        raise IllegalTransition(f"{s.model_id}: slot {old.value} -> {new.value} ({reason})")
+    s.state = new
+    log.info("model=%s slot %s->%s reason=%s", s.model_id, old.value, new.value, reason)

@@ -2,7 +2,9 @@
 
 Replies that carry a request id go to that request's stream (an asyncio queue the route reads);
 everything else (hello, ready, heartbeats) goes to the supervisor as an event. Frames from a
-routing id we did not spawn, and frames that do not decode, are logged and dropped.
+routing id we did not spawn, and frames that do not decode, are logged and dropped. A ``Hello``
+of another protocol version reaches the supervisor as that worker's ``LoadFailed`` (naming both
+versions), and nothing more from it is read.
 """
 
 from __future__ import annotations
@@ -163,6 +165,11 @@ class Transport:
             self.dropped += 1
             log.warning("dropped an undecodable message from %s: %s", wid.decode(errors="replace"), e)
             return
+        if isinstance(msg, p.Hello) and msg.protocol != p.PROTOCOL_VERSION:
+            self._known.discard(wid)  # its later frames would be misread: drop them
+            msg = p.LoadFailed(reason=f"worker speaks protocol version {msg.protocol}, this "
+                               f"gateway speaks version {p.PROTOCOL_VERSION} (mixed installs?)")
+            log.error("worker %s: %s", wid.decode(errors="replace"), msg.reason)
         rid = getattr(msg, "id", None)
         if rid is not None:
             stream = self._streams.get(rid)

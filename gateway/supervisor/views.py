@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from mlx_supervisor.gateway.supervisor.loop import Supervisor
+    from mlx_supervisor.gateway.supervisor.core import Core
 
 
-def snapshot(sup: Supervisor) -> dict[str, Any]:
-    now = time.monotonic()
+def snapshot(sup: Core, started: float) -> dict[str, Any]:
+    now = sup.now()
     workers = []
     for w in sup.workers.values():
         slot = sup.slots.get(w.model_id)
@@ -30,27 +30,29 @@ def snapshot(sup: Supervisor) -> dict[str, Any]:
             "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
             "worker_inflight": w.worker_inflight,
             "queued": len(slot.waiters) if slot else 0,
-            "last_used": time.time() - (now - w.last_used),
-            "idle_seconds": round(now - w.last_used, 3),
+            "last_used": time.time() - (now - w.last_used_mono),
+            "idle_seconds": round(now - w.last_used_mono, 3),
             "ttl": ttl,
-            "ttl_remaining": (max(0.0, ttl - (now - w.last_used)) if ttl > 0 and not (slot and slot.pinned)
+            "ttl_remaining": (max(0.0, ttl - (now - w.last_used_mono)) if ttl > 0 and not (slot and slot.pinned)
                               and w.inflight == 0 else None),
             "started_at": w.started_at, "load_seconds": w.load_seconds,
             "ranks": [msgspec.structs.asdict(r) for r in w.ranks],
         })
     return {
-        "pid": os.getpid(), "uptime": time.time() - sup.started, "budget_bytes": sup.budget,
+        "pid": os.getpid(), "uptime": time.time() - started, "budget_bytes": sup.budget,
         "used_bytes": sup.used_bytes(), "max_models": sup.max_models, "workers": workers,
     }
 
-def model_info(sup: Supervisor, model_id: str) -> dict[str, Any]:
+def model_info(sup: Core, model_id: str) -> dict[str, Any]:
+    """A model's worker state when it has one, else its slot's (cold, pending, backing_off,
+    failed)."""
     slot = sup.slots[model_id]
     w = slot.worker
-    state = w.state.value if w else ("failed" if slot.failed_until > time.monotonic() else "cold")
+    state = w.state.value if w else slot.state.value
     return {
         "state": state, "kind": slot.entry.kind, "pinned": slot.pinned,
         "memory": w.bytes if w else 0, "estimated_bytes": slot.entry.estimate,
         "aliases": slot.entry.aliases, "pid": w.pid if w else None,
-        "last_error": slot.last_error, "loads": slot.loads,
+        "last_error": slot.last_error, "loads": slot.loads, "last_used": slot.last_used_wall,
         "context_length": (w.context_length if w else 0) or slot.entry.context_length,
     }

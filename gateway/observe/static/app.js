@@ -6,7 +6,7 @@
 const KEY_STORE = "mlx-supervisor.adminKey";
 const MAX_EVENTS = 200;
 const POLL_MS = 1000;
-const HOT = new Set(["starting", "loading", "ready", "draining"]);
+const HOT = new Set(["starting", "idle", "loading", "ready", "draining", "stopping", "killing"]);
 
 let status = null;        // last /admin/status document
 let fetchedAt = 0;        // performance.now() when it arrived

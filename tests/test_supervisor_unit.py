@@ -1,0 +1,467 @@
+"""The supervisor's handlers driven in-process and synchronously, with a fake ``Effects`` and a
+fake clock (as llama-swap's fifo_test.go drives its scheduler): no process, no socket, no task.
+Each test plays the events a real run would post (Spawned, Hello, Ready, Exited, Tick) and
+checks what the handlers decided and which effects they asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from mlx_supervisor.gateway.catalog import Entry
+from mlx_supervisor.gateway.errors import APIError
+from mlx_supervisor.gateway.supervisor import events as ev
+from mlx_supervisor.gateway.supervisor import timers
+from mlx_supervisor.gateway.supervisor.core import Core
+from mlx_supervisor.gateway.supervisor.handlers import dispatch
+from mlx_supervisor.gateway.supervisor.model import (
+    Acquire,
+    Control,
+    Exited,
+    Lease,
+    ReloadCmd,
+    ShutdownCmd,
+    Spawned,
+    Tick,
+    UnloadCmd,
+    Waiter,
+    Worker,
+)
+from mlx_supervisor.gateway.supervisor.states import SlotState, State
+from mlx_supervisor.shared import protocol as p
+from mlx_supervisor.shared.config import Config
+
+MB = 2**20
+
+
+@dataclass
+class FakeProc:
+    pid: int
+    exited: bool = False
+    stderr_tail: collections.deque[str] = field(default_factory=collections.deque)
+
+
+class FakeEffects:
+    """Records every effect asked for; the test posts what a real one would bring back."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.sent: list[tuple[str, p.ToWorker]] = []
+        self.emitted: list[ev.SupervisorEvent] = []
+        self.posted: list[Any] = []
+
+    def spawn(self, worker: Worker, entry: Entry | None) -> None:
+        self.calls.append(("spawn", worker.worker_id))
+
+    def stop(self, worker: Worker) -> None:
+        self.calls.append(("stop", worker.worker_id))
+
+    def kill(self, worker: Worker) -> None:
+        self.calls.append(("kill", worker.worker_id))
+
+    def send(self, worker_id: str, msg: p.ToWorker) -> bool:
+        self.sent.append((worker_id, msg))
+        return True
+
+    def allow(self, worker_id: str) -> None:
+        self.calls.append(("allow", worker_id))
+
+    def forget(self, worker_id: str) -> None:
+        self.calls.append(("forget", worker_id))
+
+    def fail_streams(self, worker_id: str, message: str, code: str = "worker_crashed") -> int:
+        self.calls.append(("fail_streams", worker_id))
+        return 0
+
+    def fail_request(self, request_id: str, message: str, code: str, status: int) -> bool:
+        return False
+
+    def streams_of(self, worker_id: str) -> list[str]:
+        return []
+
+    def emit(self, e: ev.SupervisorEvent) -> None:
+        self.emitted.append(e)
+
+    def post(self, e: Any) -> None:
+        self.posted.append(e)
+
+    def did(self, what: str) -> list[str]:
+        return [wid for kind, wid in self.calls if kind == what]
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.emitted if not isinstance(e, ev.Transitioned)]
+
+
+def entry(mid: str, estimate: int = 100 * MB, **kw: Any) -> Entry:
+    base: dict[str, Any] = dict(path=f"/m/{mid}", kind="lm", pinned=False, ttl=0.0, aliases=[],
+                                max_concurrency=1, max_queue=4, estimate=estimate, context_length=0)
+    return Entry(id=mid, **{**base, **kw})
+
+
+class Sim:
+    def __init__(self, *entries: Entry, budget: int = 1000 * MB, **cfg: Any):
+        self.loop = asyncio.new_event_loop()
+        self.t = 1000.0
+        self.fx = FakeEffects()
+        self.pids = iter(range(100, 10**6))
+        self.waiters: dict[str, list[Waiter]] = {}
+        config = Config(**{"warm_spare": False, **cfg})
+        self.core = Core.build(config, {e.id: e for e in entries}, {}, budget, self.fx,
+                               clock=lambda: self.t)
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def send(self, e: object) -> None:
+        dispatch(self.core, e)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.fx.posted:  # what a release posts comes back through the loop, in order
+            dispatch(self.core, self.fx.posted.pop(0))
+
+    def release(self, lease: Lease) -> None:
+        lease.release()
+        self.flush()
+
+    def future(self) -> asyncio.Future[Any]:
+        return self.loop.create_future()
+
+    def acquire(self, model: str, rid: str = "r") -> Waiter:
+        w = Waiter(self.future(), rid)
+        self.waiters.setdefault(model, []).append(w)
+        self.send(Acquire(model, w))
+        return w
+
+    def lease(self, model: str) -> Lease:
+        """The lease of the latest request granted for ``model``."""
+        for w in reversed(self.waiters[model]):
+            if w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
+                lease: Lease = w.fut.result()
+                return lease
+        raise AssertionError(f"no lease for {model}")
+
+    def worker(self, model: str) -> Worker:
+        w = self.core.slots[model].worker
+        assert w is not None, f"{model} has no worker"
+        return w
+
+    def boot(self, model: str, footprint: int | None = None) -> Worker:
+        """Play a spawned worker's first messages: it connects and loads."""
+        w = self.worker(model)
+        self.send(Spawned(w, FakeProc(next(self.pids))))
+        self.send(Control(w.worker_id, p.Hello(pid=w.pid or 0, protocol=p.PROTOCOL_VERSION)))
+        mem = p.Memory(active=footprint or w.estimate, cache=0, peak=0, rss=0)
+        self.send(Control(w.worker_id, p.Ready(pid=w.pid or 0, kind="lm", load_seconds=0.1,
+                                               memory=mem)))
+        return w
+
+    def exit(self, w: Worker, rc: int = 0) -> None:
+        self.send(Exited(w, rc))
+
+    def tick(self, dt: float) -> None:
+        self.t += dt
+        self.send(Tick())
+
+    def use(self, model: str, rid: str = "u") -> None:
+        """One whole request: granted, then released."""
+        self.release(self.acquire(model, rid).fut.result())
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    sims: list[Sim] = []
+
+    def _make(*entries: Entry, **kw: Any) -> Sim:
+        sims.append(Sim(*entries, **kw))
+        return sims[-1]
+
+    yield _make
+    for s in sims:
+        s.close()
+
+
+def lease_of(w: Waiter) -> Lease:
+    assert w.fut.done() and w.fut.exception() is None, w.fut
+    lease = w.fut.result()
+    assert isinstance(lease, Lease)
+    return lease
+
+
+def error_of(w: Waiter) -> APIError:
+    assert w.fut.done()
+    e = w.fut.exception()
+    assert isinstance(e, APIError), e
+    return e
+
+
+# ---------------------------------------------------------------- the loop itself
+
+
+def test_an_event_without_a_handler_is_logged_and_the_next_one_still_runs(
+        make: Any, caplog: pytest.LogCaptureFixture) -> None:
+    sim = make(entry("a"))
+    sim.send(object())
+    assert "no handler for event object" in caplog.text
+    w = sim.acquire("a")  # the loop goes on
+    assert sim.fx.did("spawn") == ["a#1"] and not w.fut.done()
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_admission_grants_queues_refuses_and_pumps(make: Any) -> None:
+    sim = make(entry("a", max_concurrency=1, max_queue=1))
+    first = sim.acquire("a", "r1")
+    assert sim.fx.did("spawn") == ["a#1"] and not first.fut.done()
+    assert sim.core.slots["a"].worker is not None
+    assert sim.core.slots["a"].worker.state is State.STARTING
+    sim.boot("a")
+    lease = lease_of(first)
+    assert sim.worker("a").inflight == 1
+    second = sim.acquire("a", "r2")  # at max_concurrency: queued
+    assert not second.fut.done()
+    third = sim.acquire("a", "r3")  # queue full
+    assert error_of(third).status == 429 and error_of(third).code == "queue_full"
+    sim.release(lease)
+    assert lease_of(second).request_id == "r2" and sim.worker("a").inflight == 1
+    assert sim.fx.did("spawn") == ["a#1"]  # one process for all of it
+    assert sim.fx.kinds() == ["queued", "spawning", "ready", "granted", "queued", "granted"]
+
+
+def test_a_model_larger_than_the_budget_is_refused_naming_both(make: Any) -> None:
+    sim = make(entry("big", estimate=2000 * MB), budget=1000 * MB)
+    e = error_of(sim.acquire("big"))
+    assert e.status == 503 and "more than the whole memory budget" in e.message
+    assert not sim.fx.did("spawn") and sim.core.slots["big"].state is SlotState.COLD
+
+
+# ---------------------------------------------------------------- eviction
+
+
+def test_eviction_takes_the_least_recently_used_and_waits_for_its_reap(make: Any) -> None:
+    sim = make(entry("a", 400 * MB), entry("b", 400 * MB), entry("c", 400 * MB), budget=1000 * MB)
+    for m in ("a", "b"):
+        sim.acquire(m)
+        sim.boot(m)
+        sim.release(sim.lease(m))
+        sim.t += 1
+    sim.use("a")  # a is now the most recent: b goes first
+    sim.t += 1
+    c = sim.acquire("c")
+    b = sim.worker("b")
+    assert b.state is State.STOPPING and sim.fx.did("stop") == [b.worker_id]
+    assert sim.core.slots["c"].state is SlotState.PENDING and sim.core.slots["c"].worker is None
+    assert "c#3" not in sim.fx.did("spawn")  # the ledger may not go over budget meanwhile
+    sim.exit(b)
+    assert b.state is State.STOPPED and sim.core.slots["b"].worker is None
+    assert sim.fx.did("spawn")[-1] == "c#3" and sim.core.slots["c"].state is SlotState.COLD
+    sim.boot("c")
+    assert lease_of(c).model_id == "c"
+    assert [e.model for e in sim.fx.emitted if isinstance(e, ev.Evicted)] == ["b"]
+
+
+def test_pinned_and_busy_models_are_never_evicted(make: Any) -> None:
+    sim = make(entry("pin", 500 * MB, pinned=True), entry("busy", 400 * MB),
+               entry("c", 400 * MB), budget=1000 * MB)
+    sim.core.slots["pin"].pinned = True
+    for m in ("pin", "busy"):
+        sim.acquire(m)
+        sim.boot(m)
+    # "busy" still holds the lease of its first request.
+    e = error_of(sim.acquire("c"))
+    assert e.status == 503 and "not enough memory" in e.message and "(pinned)" in e.message
+    assert not sim.fx.did("stop")
+
+
+# ---------------------------------------------------------------- ttl and timers
+
+
+def test_ttl_drains_an_idle_worker_after_exactly_its_ttl(make: Any) -> None:
+    sim = make(entry("a", ttl=5.0), heartbeat_interval=1.0, heartbeat_timeout=100.0)
+    sim.acquire("a")
+    sim.boot("a")
+    sim.release(sim.lease("a"))
+    sim.tick(4.9)
+    assert sim.worker("a").state is State.READY and not sim.fx.did("stop")
+    sim.tick(0.2)
+    w = sim.worker("a")
+    assert w.state is State.STOPPING and sim.fx.did("stop") == [w.worker_id]
+    assert "ttl" in sim.fx.kinds()
+    sim.exit(w)
+    assert sim.core.slots["a"].worker is None and not sim.core.workers
+
+
+def test_timers_are_a_pure_function_of_state_and_time(make: Any) -> None:
+    sim = make(entry("a"), heartbeat_interval=1.0, heartbeat_timeout=3.0)
+    sim.acquire("a")
+    w = sim.boot("a")
+    sim.core.last_ping = sim.t
+    assert timers.due(sim.core, sim.t + 0.5) == []
+    acts = timers.due(sim.core, sim.t + 3.5)
+    assert acts[0] == timers.Kill(w.worker_id, "missed heartbeats for 3.5s (hung?)")
+    assert timers.Ping() in acts
+    assert w.state is State.READY and not sim.fx.did("kill")  # deciding changed nothing
+    sim.tick(3.5)
+    assert w.state is State.KILLING and sim.fx.did("kill") == [w.worker_id]
+    sim.tick(0.2)
+    assert sim.fx.did("kill") == [w.worker_id]  # killed once, not on every tick
+
+
+# ---------------------------------------------------------------- crashes
+
+
+def test_crashes_back_off_then_mark_the_model_failed_until_the_backoff_ends(make: Any) -> None:
+    sim = make(entry("a"), max_crashes=3, crash_window=60.0)
+    waiter = sim.acquire("a")
+    sim.boot("a")
+    lease_of(waiter)
+    sim.exit(sim.worker("a"), -9)  # 1st crash: respawned at once for the pinned/waiting? no waiters
+    assert sim.core.slots["a"].worker is None and sim.core.slots["a"].last_error
+    assert "killed by SIGKILL" in (sim.core.slots["a"].last_error or "")
+    w2 = sim.acquire("a", "r2")
+    sim.boot("a")
+    lease_of(w2)
+    sim.exit(sim.worker("a"), 1)  # 2nd crash: the next spawn waits 0.5 s
+    w3 = sim.acquire("a", "r3")
+    slot = sim.core.slots["a"]
+    assert slot.state is SlotState.BACKING_OFF and slot.worker is None
+    spawns = len(sim.fx.did("spawn"))
+    sim.tick(0.2)
+    assert len(sim.fx.did("spawn")) == spawns
+    sim.tick(0.4)
+    assert len(sim.fx.did("spawn")) == spawns + 1 and slot.state is SlotState.COLD
+    sim.boot("a")
+    lease_of(w3)
+    sim.exit(sim.worker("a"), 1)  # 3rd crash within the window: failed for 5 s
+    assert slot.state is SlotState.FAILED
+    e = error_of(sim.acquire("a", "r4"))
+    assert e.status == 503 and e.code == "model_failed" and "exited with code 1" in e.message
+    sim.tick(5.1)
+    assert slot.state is SlotState.COLD
+    sim.acquire("a", "r5")
+    assert len(sim.fx.did("spawn")) == spawns + 2
+
+
+def test_a_worker_that_dies_while_loading_fails_its_waiters_with_the_reason(make: Any) -> None:
+    sim = make(entry("a"))
+    waiter = sim.acquire("a")
+    w = sim.worker("a")
+    sim.send(Spawned(w, FakeProc(7, stderr_tail=collections.deque(["ImportError: no mlx"]))))
+    sim.exit(w, 1)
+    e = error_of(waiter)
+    assert "failed to load" in e.message and "ImportError: no mlx" in e.message
+
+
+# ---------------------------------------------------------------- reload, unload, shutdown
+
+
+def test_load_failed_after_a_reload_removed_the_model_is_a_crash_not_a_keyerror(
+        make: Any, caplog: pytest.LogCaptureFixture) -> None:
+    sim = make(entry("a"), entry("b"))
+    waiter = sim.acquire("a")
+    w = sim.worker("a")
+    sim.send(Spawned(w, FakeProc(9)))
+    sim.send(Control(w.worker_id, p.Hello(pid=9, protocol=p.PROTOCOL_VERSION)))
+    sim.send(ReloadCmd({"b": entry("b")}, {}, sim.core.budget, 0, sim.future()))
+    assert error_of(waiter).status == 404 and "a" not in sim.core.slots
+    assert w.state is State.STOPPING
+    sim.send(Control(w.worker_id, p.LoadFailed(reason="bad weights")))
+    assert "handler Control failed" not in caplog.text
+    assert w.kill_reason == "load failed: bad weights"
+    sim.exit(w, p.EXIT_LOAD_FAILED)
+    assert w.state is State.CRASHED and not sim.core.workers
+    crashed = [e for e in sim.fx.emitted if isinstance(e, ev.WorkerCrashed)]
+    assert crashed and "bad weights" in crashed[0].reason
+
+
+def test_unload_is_answered_by_the_reap_not_by_a_poll(make: Any) -> None:
+    sim = make(entry("a"))
+    sim.acquire("a")
+    w = sim.boot("a")
+    sim.release(sim.lease("a"))
+    fut = sim.future()
+    sim.send(UnloadCmd("a", fut))
+    assert w.state is State.STOPPING and not fut.done()
+    sim.exit(w)
+    assert fut.done() and fut.result() is None and w.state is State.STOPPED
+
+
+def test_shutdown_waits_for_in_flight_work_then_stops_everything_inside_the_loop(
+        make: Any) -> None:
+    sim = make(entry("a"), entry("b"))
+    sim.acquire("a")
+    a = sim.boot("a")
+    sim.acquire("b")
+    b = sim.boot("b")
+    lease_b = sim.lease("b")
+    sim.release(sim.lease("a"))
+    fut = sim.future()
+    sim.send(ShutdownCmd(5.0, fut))
+    assert a.state is State.STOPPING and b.state is State.DRAINING  # b still has a request
+    assert sim.fx.did("stop") == [a.worker_id] and not fut.done()
+    sim.tick(5.1)  # grace is over: b's request ends with an error, b stops
+    assert b.inflight == 0 and b.state is State.STOPPING
+    assert b.worker_id in sim.fx.did("fail_streams") and b.worker_id in sim.fx.did("stop")
+    sim.exit(a)
+    assert not fut.done()
+    sim.release(lease_b)  # the route hands its lease back late: harmless
+    sim.exit(b)
+    assert fut.done() and not sim.core.workers
+    assert error_of(sim.acquire("a")).code == "model_not_found" or sim.core.closing
+
+
+def test_shutdown_with_nothing_in_flight_answers_once_the_last_reap_is_in(make: Any) -> None:
+    sim = make(entry("a"))
+    sim.acquire("a")
+    a = sim.boot("a")
+    sim.release(sim.lease("a"))
+    fut = sim.future()
+    sim.send(ShutdownCmd(30.0, fut))
+    assert a.state is State.STOPPING and not fut.done()
+    sim.exit(a)
+    assert fut.done()
+
+
+# ---------------------------------------------------------------- the warm spare
+
+
+def test_the_spare_idles_until_a_load_adopts_it_and_another_follows(make: Any) -> None:
+    sim = make(entry("a"), warm_spare=True, heartbeat_interval=1.0)
+    sim.tick(0.2)
+    spare = sim.core.spare
+    assert spare is not None and sim.fx.did("spawn") == [spare.worker_id]
+    sim.send(Spawned(spare, FakeProc(50)))
+    sim.send(Control(spare.worker_id, p.Hello(pid=50, protocol=p.PROTOCOL_VERSION)))
+    assert spare.state is State.IDLE
+    waiter = sim.acquire("a")
+    assert sim.core.slots["a"].worker is spare and spare.state is State.LOADING
+    assert sim.fx.sent[-1] == (spare.worker_id, p.Load(model_id="a", path="/m/a", kind="lm"))
+    assert sim.fx.did("spawn") == [spare.worker_id]  # no new process for "a"
+    sim.send(Control(spare.worker_id, p.Ready(pid=50, kind="lm", load_seconds=0.1,
+                                              memory=p.Memory(1, 0, 0, 0))))
+    assert lease_of(waiter).pid == 50
+    sim.tick(0.2)
+    assert sim.core.spare is not None and sim.core.spare is not spare
+
+
+def test_a_load_failure_fails_the_waiters_with_its_reason_once_the_worker_is_gone(
+        make: Any) -> None:
+    sim = make(entry("a"))
+    waiter = sim.acquire("a")
+    w = sim.worker("a")
+    sim.send(Spawned(w, FakeProc(9)))
+    reason = "worker speaks protocol version 0, this gateway speaks version 1"
+    sim.send(Control(w.worker_id, p.LoadFailed(reason=reason)))  # as the transport turns a Hello
+    sim.tick(0.5)
+    assert not sim.fx.did("kill")  # it may still exit by itself
+    sim.tick(0.7)
+    assert sim.fx.did("kill") == [w.worker_id] and w.state is State.KILLING
+    sim.exit(w, -9)
+    e = error_of(waiter)
+    assert e.code == "model_failed" and "failed to load: load failed: " + reason in e.message
