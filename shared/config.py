@@ -59,6 +59,9 @@ class LedgerConfig(Strict):
     retention_days: float = 7.0
     max_rows: int = 1_000_000
     store_bodies: bool = False
+    response_retention_days: float = 30.0
+    """Days a stored OpenAI Responses answer (``store: true``) is kept for retrieval and
+    ``previous_response_id``."""
 
 
 class VisionConfig(Strict):

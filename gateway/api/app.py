@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlx_supervisor.gateway.api import admin as routes_admin
 from mlx_supervisor.gateway.api import anthropic as routes_anthropic
 from mlx_supervisor.gateway.api import openai as routes_openai
+from mlx_supervisor.gateway.api import responses as routes_responses
 from mlx_supervisor.gateway.api.gateway import (
     Gateway,
     error_response,
@@ -216,6 +217,7 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/health/ready", health_ready, methods=["GET"]),
         *routes_openai.routes,
         *routes_anthropic.routes,
+        *routes_responses.routes,
         *routes_admin.routes,
         *gateway.routes,
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
@@ -18,6 +18,9 @@ from mlx_supervisor.gateway.catalog import Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.shared.config import Config
+
+if TYPE_CHECKING:
+    from mlx_supervisor.gateway.observe.jobs import Jobs
 
 log = logging.getLogger("mlx_supervisor.gateway")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -37,6 +40,7 @@ class Gateway:
         self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
         self.reload: Callable[[], Awaitable[None]] | None = None  # SIGHUP
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.jobs: Jobs | None = None  # the jobs plugin (in-flight requests, the ledger), if attached
 
     def entry(self, name: object) -> Entry:
         """The catalog entry for an id or alias; 404 naming what exists otherwise."""

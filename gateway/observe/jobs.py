@@ -212,6 +212,7 @@ def attach(gw: Gateway) -> None:
             log.error("%s; serving without a request ledger", e)
             gw.warnings.append(f"{e}; serving without a request ledger")
     jobs = Jobs(gw, ledger, disabled)
+    gw.jobs = jobs  # the Responses API keeps its stored answers in the same ledger file
     gw.bus.subscribe(RequestEvent, jobs.observe)
     if ledger is not None:
         gw.shutdown_hooks.append(ledger.close)
