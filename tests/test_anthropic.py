@@ -108,3 +108,33 @@ def test_errors_are_anthropic_shaped(client: anthropic.Anthropic, srv: ServerPro
     r = httpx.post(srv.url + "/v1/messages", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "demo", "max_tokens": 2, "messages": [{"role": "system", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+
+
+def test_image_blocks_reach_a_vision_model_as_in_chat_and_responses(vlm_model_dir: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    with ServerProcess({"vlm": {"path": str(vlm_model_dir)}}) as s:
+        a = anthropic.Anthropic(base_url=s.url, api_key="x", max_retries=0, timeout=180)
+        m = a.messages.create(model="vlm", max_tokens=6, extra_body=T0, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+            {"type": "text", "text": "What color?"}]}])
+        oa = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=180)
+        url = "data:image/png;base64," + data
+        c = oa.chat.completions.create(model="vlm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What color?"}]}])
+        r = oa.responses.create(model="vlm", max_output_tokens=6, temperature=0, store=False, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": url, "detail": "auto"},
+                                         {"type": "input_text", "text": "What color?"}]}])
+        assert m.content[0].text == c.choices[0].message.content == r.output_text  # type: ignore[union-attr]
+        assert m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == c.usage.prompt_tokens  # type: ignore[union-attr]
+        assert c.usage.prompt_tokens > 20  # the image's tokens are in the prompt
+        bad = httpx.post(s.url + "/v1/messages", json={"model": "vlm", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert s.orphans == []

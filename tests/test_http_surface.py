@@ -1,9 +1,10 @@
-"""What every route answers, on a real gateway (`serve --config FILE`) with a fake worker: CORS
+"""What every route answers, on a real gateway (`serve --config FILE`) with fake workers: CORS
 preflights from allowed and refused origins, JSON 404/405 in each API's shape, a trailing slash
-served rather than redirected."""
+served rather than redirected, an Anthropic stream's error event."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -18,8 +19,8 @@ ALLOWED = "http://app.example.com"
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerProcess]:
     # config_last: the gateway is started as `mlx-supervisor serve --config FILE`.
-    with ServerProcess({"f": fake_model()}, {"api_key": KEY, "cors_origins": [ALLOWED]},
-                       config_last=True) as s:
+    models = {"f": fake_model(), "slow": fake_model(FAKE_TOKEN_DELAY=0.05)}
+    with ServerProcess(models, {"api_key": KEY, "cors_origins": [ALLOWED]}, config_last=True) as s:
         yield s
     assert s.orphans == []
 
@@ -94,3 +95,26 @@ def test_a_trailing_slash_is_served_not_redirected(srv: ServerProcess) -> None:
         "model": "f", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert r.status_code == 200, r.text
     assert r.json()["object"] == "chat.completion"
+
+
+def test_an_error_mid_anthropic_stream_is_an_error_event(srv: ServerProcess) -> None:
+    rid = "req-anthropic-cut"
+    body = {"model": "slow", "max_tokens": 2000, "stream": True,
+            "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", srv.url + "/v1/messages", json=body, timeout=60,
+                      headers={"x-api-key": KEY, "x-request-id": rid}) as r:
+        lines = r.iter_lines()
+        names: list[str] = []
+        for line in lines:
+            if line.startswith("event: "):
+                names.append(line[7:])
+            if names[-1:] == ["content_block_delta"]:
+                break
+        cut = httpx.delete(f"{srv.url}/v1/jobs/{rid}", headers={"Authorization": f"Bearer {KEY}"})
+        assert cut.status_code == 200, cut.text
+        rest = list(lines)
+    names += [ln[7:] for ln in rest if ln.startswith("event: ")]
+    assert names[0] == "message_start" and names[-1] == "error", names
+    data = [ln for ln in rest if ln.startswith("data: ")][-1]
+    err = json.loads(data[6:])
+    assert err["type"] == "error" and err["error"]["type"] and "cancel" in err["error"]["message"]

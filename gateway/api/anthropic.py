@@ -135,6 +135,30 @@ def _tools(req: CountTokensRequest) -> dict[str, Any]:
     return fields
 
 
+# Anthropic's effort levels -> the chat run's reasoning_effort (for templates that take one).
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _output(req: CountTokensRequest) -> dict[str, Any]:
+    """``thinking``, ``output_config.format`` and ``.effort`` as chat run fields."""
+    fields: dict[str, Any] = {}
+    if req.thinking is not None:  # the template's switch (Qwen3-style); absent = its default
+        fields["chat_template_kwargs"] = {"enable_thinking": req.thinking.type != "disabled"}
+    oc = req.output_config
+    if oc is not None and oc.format is not None:
+        if oc.format.type != "json_schema" or oc.format.schema is None:
+            raise bad_request("output_config.format must be {type: json_schema, schema}",
+                              "output_config.format")
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": oc.format.schema, "strict": True}}
+    if oc is not None and oc.effort is not None:
+        if oc.effort not in EFFORTS:
+            raise bad_request(f"output_config.effort must be one of {', '.join(EFFORTS)}",
+                              "output_config.effort")
+        fields["reasoning_effort"] = EFFORTS[oc.effort]
+    return fields
+
+
 def _check(req: MessagesRequest) -> None:
     """Anthropic's own ranges (temperature is [0, 1] there), named as Anthropic names them."""
     if req.temperature is not None and not 0.0 <= req.temperature <= 1.0:
@@ -161,12 +185,12 @@ def to_chat(req: CountTokensRequest, **sampling: Any) -> t.ChatRequest:
         msgs += _message(m, i)
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
-    body = {"model": req.model, "messages": msgs, **_tools(req), **sampling}
+    body = {"model": req.model, "messages": msgs, **_tools(req), **_output(req), **sampling}
     missing = [k for k in body if k not in t.ChatRequest.__struct_fields__]
     if missing or any("tool_calls" in m or m["role"] == "tool" for m in msgs) and \
             "tool_calls" not in t.ChatMessage.__struct_fields__:
-        raise bad_request("tools are not supported by this gateway yet", "tools",
-                          code="unsupported_value")
+        raise bad_request(f"{(missing or ['tools'])[0]} is not supported by this gateway yet",
+                          (missing or ["tools"])[0], code="unsupported_value")
     return msgspec.convert(body, t.ChatRequest)
 
 

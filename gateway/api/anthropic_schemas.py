@@ -67,6 +67,17 @@ class Metadata(msgspec.Struct, kw_only=True):
     user_id: str | None = None
 
 
+class OutputFormat(msgspec.Struct, kw_only=True):
+    type: str
+    schema: dict[str, Any] | None = None
+
+
+class OutputConfig(msgspec.Struct, kw_only=True):
+    format: OutputFormat | None = None
+    """``{type: json_schema, schema}``: the answer is JSON valid against it (enforced)."""
+    effort: str | None = None
+
+
 class CountTokensRequest(msgspec.Struct, kw_only=True):
     model: str
     messages: list[Message]
@@ -74,6 +85,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):

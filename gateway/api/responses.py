@@ -159,6 +159,8 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[t.Cha
         "model": req.model, "messages": system + conversation, **_tools(req),
         "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
         "top_p": req.top_p, "user": req.user or req.safety_identifier, "stream": req.stream}
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        body["reasoning_effort"] = req.reasoning.effort
     missing = [k for k in body if k not in t.ChatRequest.__struct_fields__]
     if missing or any("tool_calls" in m or m["role"] == "tool" for m in conversation) and \
             "tool_calls" not in t.ChatMessage.__struct_fields__:
