@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test lint bench clean
+.PHONY: setup system-deps serve test lint sizes bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup system-deps
 lint: setup
 	$(VENV)/bin/ruff check gateway worker shared tests bench
 	$(VENV)/bin/mypy gateway worker shared bench
+
+# Modules over 400 lines, functions over 60.
+sizes:
+	$(PY) scripts/sizes.py gateway worker shared
 
 bench: setup
 	$(PY) -m bench

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     def set_model_id(model_id: str) -> None:
         fmt.model_id = model_id
 
-    if args.ranks > 1:  # a sharded group: see engine_sharded
+    if args.ranks > 1:  # a sharded group: see engines/sharded.py
         from mlx_supervisor.worker import engines, sharding
         spec = sharding.ShardSpec.from_args(args)
         if sharding.env_rank() != 0:  # followers never talk to the gateway
@@ -181,34 +181,14 @@ def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: M
             if code is not None:
                 return code
         if dealer in events:
-            for _ in range(BURST):
-                try:
-                    data = dealer.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            heard, shutdown = _receive(dealer, mlx)
+            if heard:
                 last_heard = time.monotonic()
-                try:
-                    msg = decode_to_worker(data)
-                except msgspec.DecodeError as e:
-                    log.warning("dropping undecodable frame (%d bytes): %s", len(data), e)
-                    continue
-                if isinstance(msg, Ping):
-                    continue
-                if isinstance(msg, Shutdown) and shutdown_deadline is None:
-                    shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
-                mlx.inbox.put(msg)
+            if shutdown and shutdown_deadline is None:
+                shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
         now = time.monotonic()
         if now >= next_beat:
-            mem = mlx.snapshot
-            try:
-                rss = proc.memory_info().rss
-            except psutil.Error:
-                rss = 0
-            dealer.send(encode(Heartbeat(  # a sharded engine's rss is its local ranks' sum
-                memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
-                              rss=max(rss, mem.rss)),
-                inflight=mlx.inflight_count, queued=mlx.queued_count,
-                ranks=list(getattr(mlx.engine, "ranks", None) or []))))
+            _heartbeat(dealer, mlx, proc)
             next_beat = now + args.heartbeat_interval
         if shutdown_deadline is not None and now > shutdown_deadline:
             log.warning("MLX thread did not finish within %.1fs of Shutdown; exiting anyway",
@@ -226,6 +206,41 @@ def _loop(args: argparse.Namespace, dealer: zmq.Socket, pull: zmq.Socket, mlx: M
                 return code
             log.error("MLX thread ended unexpectedly; exiting")
             return 1
+
+
+def _receive(dealer: zmq.Socket, mlx: MLXThread) -> tuple[bool, bool]:
+    """Hand up to ``BURST`` of the gateway's messages to the MLX thread; returns whether anything
+    came (gateway liveness, Ping included) and whether a Shutdown was among them."""
+    heard = shutdown = False
+    for _ in range(BURST):
+        try:
+            data = dealer.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        heard = True
+        try:
+            msg = decode_to_worker(data)
+        except msgspec.DecodeError as e:
+            log.warning("dropping undecodable frame (%d bytes): %s", len(data), e)
+            continue
+        if isinstance(msg, Ping):
+            continue
+        shutdown = shutdown or isinstance(msg, Shutdown)
+        mlx.inbox.put(msg)
+    return heard, shutdown
+
+
+def _heartbeat(dealer: zmq.Socket, mlx: MLXThread, proc: psutil.Process) -> None:
+    mem = mlx.snapshot
+    try:
+        rss = proc.memory_info().rss
+    except psutil.Error:
+        rss = 0
+    dealer.send(encode(Heartbeat(  # a sharded engine's rss is its local ranks' sum
+        memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
+                      rss=max(rss, mem.rss)),
+        inflight=mlx.inflight_count, queued=mlx.queued_count,
+        ranks=list(getattr(mlx.engine, "ranks", None) or []))))
 
 
 def _forward(pull: zmq.Socket, dealer: zmq.Socket, limit: int | None) -> int | None:

@@ -1,4 +1,4 @@
-"""What a rank of a sharded group knows before any heavy import (see :mod:`engine_sharded`):
+"""What a rank of a sharded group knows before any heavy import (see :mod:`mlx_supervisor.worker.engines.sharded`):
 its rank, and the group's shape from the command line. Rank 0 sends Hello before importing
 mlx-lm, as any worker does."""
 

@@ -165,7 +165,7 @@ MB = 10**6
 
 
 def fake_model(mem_mb: int = 100, **env: Any) -> dict[str, Any]:
-    """A catalog entry for the fake engine: a real worker process, no MLX (see engine_fake)."""
+    """A catalog entry for the fake engine: a real worker process, no MLX (see worker/engines/fake.py)."""
     return {"path": "/nonexistent/fake", "kind": "fake",
             "env": {"FAKE_MEMORY_BYTES": str(mem_mb * MB), **{k: str(v) for k, v in env.items()}}}
 
