@@ -118,3 +118,12 @@ def test_an_error_mid_anthropic_stream_is_an_error_event(srv: ServerProcess) -> 
     data = [ln for ln in rest if ln.startswith("data: ")][-1]
     err = json.loads(data[6:])
     assert err["type"] == "error" and err["error"]["type"] and "cancel" in err["error"]["message"]
+
+
+def test_anthropic_error_types_follow_the_status() -> None:
+    from mlx_supervisor.gateway.errors import APIError
+
+    want = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+    for status, kind in want.items():
+        assert APIError(status, "m").anthropic_body() == {"type": "error", "error": {"type": kind, "message": "m"}}

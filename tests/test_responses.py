@@ -139,3 +139,13 @@ def test_unsupported_parameters_are_refused_by_name(client: openai.OpenAI) -> No
         with pytest.raises(openai.BadRequestError) as br:
             client.responses.create(model="demo", input="x", **extra)  # type: ignore[arg-type]
         assert br.value.body["param"] == param, br.value.body  # type: ignore[index]
+
+
+def test_without_a_ledger_answers_say_they_were_not_stored() -> None:
+    with ServerProcess({"f": fake_model()}, {"ledger": {"enabled": False}}) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        r = client.responses.create(model="f", input="hello there", max_output_tokens=3)
+        assert r.store is False and r.output_text
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(r.id)
+    assert s.orphans == []
