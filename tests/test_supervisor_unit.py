@@ -465,3 +465,17 @@ def test_a_load_failure_fails_the_waiters_with_its_reason_once_the_worker_is_gon
     sim.exit(w, -9)
     e = error_of(waiter)
     assert e.code == "model_failed" and "failed to load: load failed: " + reason in e.message
+
+
+async def test_the_real_loop_survives_an_unknown_event(tmp_path: Any) -> None:
+    from mlx_supervisor.gateway.supervisor.loop import Supervisor
+
+    sup = Supervisor(Config(warm_spare=False), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock")
+    await sup.start()
+    try:
+        sup.events.put_nowait(object())  # type: ignore[arg-type]
+        with pytest.raises(APIError) as e:
+            await asyncio.wait_for(sup.load("nope"), 5)
+        assert e.value.status == 404  # answered: the loop outlived the bad event
+    finally:
+        await sup.shutdown(0)
