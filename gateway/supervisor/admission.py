@@ -44,7 +44,9 @@ def _refuse(slot: Slot, err: APIError) -> None:
 def admit(core: c.Core, slot: Slot) -> None:
     """Make room for ``slot``'s model and spawn it, or fail its waiters with the reason."""
     if slot.state is SlotState.FAILED:
-        return  # its waiters were told; admission resumes once the backoff is over
+        if slot.failed_until > core.now():
+            return  # its waiters were told; admission resumes once the backoff is over
+        c.move_slot(slot, SlotState.COLD, "backoff over")
     if core.closing:
         return _refuse(slot, APIError(503, "server is shutting down", code="shutting_down"))
     if slot.worker is not None and slot.worker.state is not State.DRAINING:

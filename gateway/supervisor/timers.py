@@ -146,7 +146,8 @@ def apply(core: c.Core, act: Action, now: float) -> None:
         slot = core.slots[act.model_id]
         if isinstance(act, Recover):
             c.move_slot(slot, SlotState.COLD, "backoff over")
-            if not (slot.pinned and slot.worker is None and not core.closing):
+            wanted = slot.pinned or slot.waiters or slot.load_waiters
+            if not wanted or slot.worker is not None or core.closing:
                 return
         if isinstance(act, Admit) and act.backoff_over:
             slot.respawn_at = 0.0
