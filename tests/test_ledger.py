@@ -119,8 +119,10 @@ async def test_store_bodies_keeps_the_request_without_image_bytes(path: Path) ->
     led = Ledger(path, store_bodies=True)
     try:
         msg = p.Generate(id="r1", messages=[{"role": "user", "content": "hi"}], images=[b"PNG..."])
-        led.record("queued", outcome("r1", body=msg))
-        led.record("finished", outcome("r1", body=msg, status="completed"))
+        o = outcome("r1", body=msg)
+        led.record("queued", o)
+        o.status = "completed"
+        led.record("finished", o)
         req = (await led.get("r1"))["request"]
         assert req["messages"] == [{"role": "user", "content": "hi"}]
         assert req["images"] == ["<6 bytes>"]
@@ -182,18 +184,68 @@ def test_corrupt_or_unusable_files_raise_ledger_error(tmp_path: Path) -> None:
         Ledger(blocker / "ledger.sqlite3")
 
 
-async def test_a_failure_while_running_disables_it_and_reports(path: Path) -> None:
+async def test_a_failure_while_running_degrades_then_heals_by_itself(path: Path) -> None:
+    """A write that fails (here: the table dropped under it) drops that batch, counts it, reports
+    it, and the writer probes again with backoff until it can write: no restart needed."""
     reported: list[str] = []
-    led = Ledger(path, on_fail=reported.append)
+    healed: list[str] = []
+    led = Ledger(path, on_fail=reported.append, on_recover=healed.append)
     try:
         led.record("queued", outcome("r1"))
         await led.get("r1")
         with sqlite3.connect(path) as db:
             db.execute("DROP TABLE jobs")
         led.record("queued", outcome("r2"))
-        with pytest.raises(LedgerError, match="disabled"):
+        with pytest.raises(LedgerError, match="cannot be read"):
             await led.get("r2")
         assert reported and "no such table" in reported[0]
-        led.record("queued", outcome("r3"))  # dropped quietly, never raises into a request
+        assert led.dropped >= 1 and led.failures == 1
+        await asyncio.to_thread(wait_for, lambda: healed, 15.0)
+        assert led.status()["status"] == "ok" and "dropped" in healed[0]
+        o = outcome("r3")
+        led.record("queued", o)  # recorded again, never raised into a request meanwhile
+        assert (await led.get("r3"))["status"] == "queued"
     finally:
         await led.close()
+
+
+async def test_a_reused_id_is_a_second_row_and_the_latest_links_the_earlier(path: Path) -> None:
+    led = Ledger(path)
+    try:
+        first, second = outcome("same", status="completed"), outcome("same", status="failed")
+        led.record("finished", first)
+        led.record("finished", second)
+        job = await led.get("same")
+        assert job["status"] == "failed"
+        assert [e["status"] for e in job["earlier"]] == ["completed"]
+        old = await led.get("same", job["earlier"][0]["seq"])
+        assert old is not None and old["status"] == "completed" and old["earlier"] == []
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT COUNT(*) FROM jobs WHERE id = 'same'").fetchone()[0] == 2
+    finally:
+        await led.close()
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_rows(path: Path) -> None:
+    now = time.time()
+    with sqlite3.connect(path) as db:
+        db.executescript(f"""
+            CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+              model TEXT NOT NULL, route TEXT NOT NULL, status TEXT NOT NULL, client TEXT,
+              pid INTEGER, t_received REAL NOT NULL, t_started REAL, t_first_token REAL,
+              t_finished REAL, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+              completion_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
+              finish_reason TEXT, error_type TEXT, error TEXT, request_body TEXT);
+            CREATE INDEX jobs_received ON jobs(t_received);
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+            INSERT INTO jobs (id, model, route, status, t_received, t_finished, completion_tokens)
+              VALUES ('old', 'm', 'chat', 'completed', {now}, {now + 1}, 7);
+            PRAGMA user_version = 1;""")
+    led = Ledger(path)
+    try:
+        job = asyncio.run(led.get("old"))
+        assert job is not None and job["usage"]["completion_tokens"] == 7
+        led.record("finished", outcome("old", status="completed"))  # no longer unique
+        assert len(asyncio.run(led.get("old"))["earlier"]) == 1
+    finally:
+        led.close_sync()

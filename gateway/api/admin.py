@@ -8,6 +8,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response, read_body
+from mlx_supervisor.gateway.api.schemas import too_deep
 from mlx_supervisor.gateway.errors import APIError
 
 
@@ -37,6 +38,8 @@ async def load(request: Request) -> Response:
             b = msgspec.json.decode(body, type=LoadBody)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise APIError(400, f"invalid body: {e}", code="invalid_value") from None
+        except RecursionError:
+            raise too_deep() from None
         pin = b.pin if b.pin is not None else pin
     w = await gw.sup.load(entry.id, pin)
     return json_response({"model": entry.id, "state": w.state.value, "pid": w.pid,

@@ -93,9 +93,11 @@ class GatewayMiddleware:
         state["t_received"] = t0
         token = request_id_var.set(rid)
         status = [0]
+        started = [False]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                started[0] = True
                 status[0] = message["status"]
                 hs = list(message.get("headers", []))
                 if not any(k.lower() == b"x-request-id" for k, _ in hs):
@@ -109,6 +111,12 @@ class GatewayMiddleware:
                 await error_response(err, scope)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # A bug: logged here once (re-raising would have uvicorn log it a second time).
+            log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if not started[0]:
+                await error_response(APIError(500, f"internal error: {type(exc).__name__}",
+                                              code="internal_error"), scope)(scope, receive, send_with_id)
         finally:
             self._log(scope, rid, status[0], t0)
             request_id_var.reset(token)
@@ -171,19 +179,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return resp
 
 
-async def _bug(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"),
-                          request.scope)
-
-
 async def health(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     hot = sum(1 for w in gw.sup.workers.values() if w.hot and not w.spare)
     body: dict[str, Any] = {"status": "ok", "hot_models": hot, "pid": gw.sup.snapshot()["pid"],
                             "uptime": round(time.time() - gw.sup.started, 3)}
-    if gw.warnings:
-        body["warnings"] = gw.warnings
+    parts, warnings = gw.health()
+    body.update(parts)
+    if warnings:
+        body["warnings"] = warnings
     return json_response(body)
 
 
@@ -222,8 +226,7 @@ def create_app(gateway: Gateway) -> Starlette:
         *gateway.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                                        Exception: _bug})
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error})
     app.router.redirect_slashes = False  # the middleware strips a trailing slash instead
     app.state.gateway = gateway
     app.add_middleware(GatewayMiddleware, gateway=gateway)

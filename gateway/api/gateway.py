@@ -36,11 +36,26 @@ class Gateway:
         self.bus.subscribe(RequestEvent, self._forget_finished)
         self.active_ids: set[str] = set()  # request ids in flight (a stream and a ledger row each)
         self.warnings: list[str] = []
+        # Parts that report their own health (the ledger): name -> a dict with ``status`` and,
+        # when it is not "ok", ``error``; shown on /health and /metrics at each read.
+        self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self.image_fetcher: Callable[[list[str]], Any] | None = None
         self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
         self.reload: Callable[[], Awaitable[None]] | None = None  # SIGHUP
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.jobs: Jobs | None = None  # the jobs plugin (in-flight requests, the ledger), if attached
+
+    def health(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Each status source's report, and the warnings: fixed ones plus any source not ok."""
+        parts, warnings = {}, list(self.warnings)
+        for name, fn in self.status_sources.items():
+            try:
+                parts[name] = fn()
+            except Exception as e:  # a report must never take /health down
+                parts[name] = {"status": "unknown", "error": f"{type(e).__name__}: {e}"}
+            if parts[name].get("status") != "ok" and parts[name].get("error"):
+                warnings.append(str(parts[name]["error"]))
+        return parts, warnings
 
     def entry(self, name: object) -> Entry:
         """The catalog entry for an id or alias; 404 naming what exists otherwise."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from mlx_supervisor.gateway.supervisor.transport import RequestStream
 from mlx_supervisor.shared import protocol as p
 
 T = TypeVar("T")
+CHECKPOINT_SECONDS = 1.0  # a streaming request's token count reaches the ledger this often
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -76,6 +78,8 @@ class Outcome:
     t_finished: float | None = None
     client: str | None = None  # the client's address, for the ledger
     body: p.Generate | p.Embed | None = None  # the decoded request, for ledger.store_bodies
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """This request's own key (``request_id`` is the client's and may be reused)."""
 
 
 class RequestEvent(msgspec.Struct, frozen=True):
@@ -99,6 +103,7 @@ class Run:
         self.stream: RequestStream = sup.transport.open_stream(msg.id, lease.worker_id)
         self._first: p.FromWorker | None = None
         self._closed = False
+        self._checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         outcome.pid = lease.pid
         outcome.t_started = time.time()
         self._notify("started")
@@ -147,6 +152,10 @@ class Run:
                 o.t_first_token = time.time()
                 self._notify("first_token")
             o.completion_tokens += msg.tokens
+            now = time.monotonic()
+            if now >= self._checkpoint:  # a crash then leaves an honest lower bound
+                self._checkpoint = now + CHECKPOINT_SECONDS
+                self._notify("progress")
         elif isinstance(msg, p.Done):
             o.prompt_tokens, o.completion_tokens = msg.prompt_tokens, msg.completion_tokens
             o.cached_tokens, o.finish_reason = msg.cached_tokens, msg.finish_reason

@@ -101,6 +101,15 @@ def decode(body: bytes, typ: type[T]) -> T:
                        param=param, code="invalid_type") from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep() from None
+
+
+def too_deep() -> APIError:
+    """msgspec gives up on JSON nested deeper than the interpreter's recursion limit (about
+    1000 levels) with ``RecursionError``; no request of ours nests more than a few levels."""
+    return APIError(400, "request body is nested too deeply (arrays or objects more than about "
+                    "1000 levels deep)", code="invalid_json")
 
 
 def _range(value: float | None, name: str, lo: float, hi: float, lo_open: bool = False) -> None:

@@ -21,14 +21,8 @@ from starlette.routing import Route
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response
 from mlx_supervisor.gateway.api.run import Outcome, RequestEvent
 from mlx_supervisor.gateway.errors import APIError, bad_request
-from mlx_supervisor.gateway.observe.ledger import (
-    STATUSES,
-    Ledger,
-    LedgerError,
-    Query,
-    job_of,
-    row_of,
-)
+from mlx_supervisor.gateway.observe.ledger import Ledger, LedgerError, Query
+from mlx_supervisor.gateway.observe.ledger_schema import STATUSES, TERMINAL, job_of, row_of
 from mlx_supervisor.shared import paths
 
 log = logging.getLogger("mlx_supervisor.jobs")
@@ -69,31 +63,39 @@ class Jobs:
             self.ledger.record(event, o)
 
     def _ledger_unavailable(self) -> APIError:
-        reason = (self.ledger.failed if self.ledger is not None else None) or self.disabled
-        return APIError(503, f"the request ledger is disabled: {reason}", code="ledger_disabled")
+        reason = ((self.ledger.failed if self.ledger is not None else None) or self.disabled
+                  or "its file cannot be read")
+        return APIError(503, f"the request ledger is unavailable: {reason}", code="ledger_disabled")
 
-    async def job(self, request_id: str) -> dict[str, Any] | None:
-        """The ledger row (it has seen every event so far), else what is known in memory."""
+    async def job(self, request_id: str, seq: int | None = None) -> dict[str, Any] | None:
+        """The ledger row (it has seen every event so far), else what is known in memory. An id
+        may have been reused: the latest request with it wins, earlier ones are linked."""
+        live = self.live.get(request_id)
         if self.ledger is not None:
             try:
-                found = await self.ledger.get(request_id)
-                if found is None and request_id in self.live:
-                    found = await self.ledger.get(request_id)  # it arrived during the read
-                if found is not None or request_id not in self.live:
+                found = await self.ledger.get(request_id, seq)
+                if seq is not None or live is None:
+                    return found
+                if found is None or found["status"] in TERMINAL:  # the live one not written yet
+                    found = await self.ledger.get(request_id)
+                if found is not None and found["status"] not in TERMINAL:
                     return found
             except LedgerError:
-                pass
-        o = self.live.get(request_id)
-        if o is None:
-            if self.ledger is None or self.ledger.failed:
+                if seq is not None or live is None:
+                    raise self._ledger_unavailable() from None
+        if live is None:
+            if self.ledger is None:
                 raise self._ledger_unavailable()
             return None
-        return job_of(row_of("started" if o.t_started else "queued", o))
+        return job_of(row_of("started" if live.t_started else "queued", live))
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
         o = self.live.get(request_id)
         if o is None:
-            job = await self.job(request_id) if self.ledger is not None and not self.ledger.failed else None
+            try:
+                job = await self.job(request_id) if self.ledger is not None else None
+            except APIError:
+                job = None
             if job is None:
                 raise _not_found(request_id)
             raise APIError(409, f"request {request_id} already finished ({job['status']})",
@@ -159,7 +161,10 @@ class Jobs:
         rid = request.path_params["request_id"]
         if request.method == "DELETE":
             return json_response(await self.cancel(rid))
-        job = await self.job(rid)
+        seq = request.query_params.get("seq")
+        if seq is not None and not seq.isdigit():
+            raise bad_request("seq must be a row number from a job's `earlier` list", "seq")
+        job = await self.job(rid, int(seq) if seq is not None else None)
         if job is None:
             raise _not_found(rid)
         return json_response(job)
@@ -205,8 +210,9 @@ def attach(gw: Gateway) -> None:
     if cfg.enabled:
         try:
             ledger = Ledger(ledger_path(gw), retention_days=cfg.retention_days, max_rows=cfg.max_rows,
-                            store_bodies=cfg.store_bodies, on_fail=gw.warnings.append)
+                            store_bodies=cfg.store_bodies)
             disabled = None
+            gw.status_sources["ledger"] = ledger.status
         except LedgerError as e:
             disabled = str(e)
             log.error("%s; serving without a request ledger", e)

@@ -6,19 +6,20 @@ transaction per ``batch_seconds`` or ``batch_rows``), prunes old rows now and th
 the reads, after the writes queued before them, so a read always sees every event observed so far.
 
 Crash safety: an exclusive ``flock`` beside the file means one gateway per ledger, which makes it
-safe at start to mark every row still queued or processing as failed (that gateway died). Any
-SQLite error at open raises ``LedgerError``; one while running disables the ledger and reports it
-through ``on_fail``. Nothing here ever refuses or slows a request.
+safe at start to mark every row still queued or processing as failed (that gateway died), closed
+at the last time each was seen alive. Any SQLite error at open raises ``LedgerError``. One while
+running (disk full, file removed, I/O error) puts the ledger in a *degraded* state: records are
+dropped and counted, reads still try, and the writer probes again with a doubling backoff (up to
+``RETRY_MAX``) until a write succeeds, then records again by itself. Nothing here ever refuses or
+slows a request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import queue
@@ -30,53 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from mlx_supervisor.gateway.api.run import Outcome
+from mlx_supervisor.gateway.observe.ledger_schema import (
+    COLS,
+    RECOVER_SQL,
+    ROWS_PER_STATEMENT,
+    STATUS,
+    TERMINAL,
+    decode_cursor,
+    encode_cursor,
+    job_of,
+    open_schema,
+    row_of,
+    upsert_sql,
+)
 
 log = logging.getLogger("mlx_supervisor.ledger")
 
-STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
-TERMINAL = ("completed", "failed", "cancelled")
 MAX_BACKLOG = 100_000  # rows waiting for the writer before new ones are dropped (disk stalled)
-SCHEMA_VERSION = 1
-
-COLUMNS = ("id", "model", "route", "status", "client", "pid", "t_received", "t_started",
-           "t_first_token", "t_finished", "prompt_tokens", "completion_tokens", "cached_tokens",
-           "finish_reason", "error_type", "error", "request_body")
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  id TEXT NOT NULL UNIQUE, model TEXT NOT NULL, route TEXT NOT NULL, status TEXT NOT NULL,
-  client TEXT, pid INTEGER, t_received REAL NOT NULL, t_started REAL, t_first_token REAL,
-  t_finished REAL, prompt_tokens INTEGER NOT NULL DEFAULT 0,
-  completion_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
-  finish_reason TEXT, error_type TEXT, error TEXT, request_body TEXT);
-CREATE INDEX IF NOT EXISTS jobs_received ON jobs(t_received);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
-CREATE INDEX IF NOT EXISTS jobs_model ON jobs(model, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-PRAGMA user_version = {SCHEMA_VERSION};
-"""
-_COLS = ", ".join(COLUMNS)
-_MARKS = ", ".join("?" * len(COLUMNS))
-# Rows per statement: one multi-row statement per batch, because every step of executemany
-# releases and re-takes the GIL, and each re-take can stall a busy event loop by a switch interval.
-ROWS_PER_STATEMENT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(COLUMNS)
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(n: int, upsert: bool) -> str:
-    """The first event of a request replaces any older row with the same (client-chosen) id;
-    later events update it, but never move a finished row back to queued/processing."""
-    values = ", ".join([f"({_MARKS})"] * n)
-    if not upsert:
-        return f"INSERT OR REPLACE INTO jobs ({_COLS}) VALUES {values}"
-    return (f"INSERT INTO jobs ({_COLS}) VALUES {values} ON CONFLICT(id) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:] if c != "request_body")
-            + " WHERE jobs.status IN ('queued', 'processing')"
-            + " OR excluded.status IN ('completed', 'failed', 'cancelled')")
+RETRY_FIRST, RETRY_MAX = 0.5, 8.0  # seconds between write attempts after a failure (doubling)
+EARLIER = 20  # earlier requests with the same id listed under a job
 
 
 class LedgerError(Exception):
@@ -93,68 +67,6 @@ class Query:
     after: str | None = None
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, seq = raw.split(":", 1)
-        if version != "v1":
-            raise ValueError(version)
-        return int(seq)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"invalid cursor {cursor[:80]!r}") from None
-
-
-def _request_json(o: Outcome) -> str | None:
-    """The request as the gateway decoded it (images replaced by their sizes), for store_bodies."""
-    body = o.body
-    if body is None:
-        return None
-    data = msgspec.to_builtins(body)
-    if isinstance(data, dict) and data.get("images"):
-        data["images"] = [f"<{len(b)} bytes>" for b in body.images]
-    return msgspec.json.encode(data).decode()
-
-
-def row_of(event: str, o: Outcome, store_bodies: bool = False) -> tuple[Any, ...]:
-    """An Outcome as a ledger row: the event decides the status until the request is finished."""
-    if event == "queued":
-        status = "queued"
-    elif event == "finished":
-        status = o.status if o.status in TERMINAL else "failed"
-    else:
-        status = "processing"
-    return (o.request_id, o.model, o.route, status, o.client, o.pid, o.t_received, o.t_started,
-            o.t_first_token, o.t_finished, o.prompt_tokens, o.completion_tokens, o.cached_tokens,
-            o.finish_reason, o.error_type, o.error,
-            _request_json(o) if store_bodies and event == "queued" else None)
-
-
-def job_of(row: tuple[Any, ...] | sqlite3.Row) -> dict[str, Any]:
-    """The API shape of one ledger row (columns in ``COLUMNS`` order)."""
-    r = dict(zip(COLUMNS, tuple(row)[:len(COLUMNS)], strict=True))
-    tr, ts, tf, te = r["t_received"], r["t_started"], r["t_first_token"], r["t_finished"]
-    job: dict[str, Any] = {
-        "id": r["id"], "object": "job", "model": r["model"], "route": r["route"],
-        "status": r["status"], "client": r["client"], "pid": r["pid"],
-        "received_at": tr, "started_at": ts, "first_token_at": tf, "finished_at": te,
-        "queue_seconds": round(ts - tr, 6) if ts is not None else None,
-        "ttft_seconds": round(tf - tr, 6) if tf is not None else None,
-        "duration_seconds": round(te - tr, 6) if te is not None else None,
-        "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                  "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-                  "cached_tokens": r["cached_tokens"]},
-        "finish_reason": r["finish_reason"],
-        "error": {"type": r["error_type"], "message": r["error"]} if r["error"] or r["error_type"] else None,
-    }
-    if r["request_body"] is not None:
-        job["request"] = msgspec.json.decode(r["request_body"])
-    return job
-
-
 class _Call:
     """A read run on the writer thread; its result goes to a concurrent future."""
 
@@ -169,7 +81,8 @@ _STOP = object()
 class Ledger:
     def __init__(self, path: Path, *, retention_days: float = 7.0, max_rows: int = 1_000_000,
                  store_bodies: bool = False, batch_seconds: float = 0.05, batch_rows: int = 200,
-                 prune_every: float = 60.0, on_fail: Callable[[str], None] | None = None):
+                 prune_every: float = 60.0, on_fail: Callable[[str], None] | None = None,
+                 on_recover: Callable[[str], None] | None = None):
         self.path = path
         self.retention_days = retention_days
         self.max_rows = max_rows
@@ -178,9 +91,14 @@ class Ledger:
         self.batch_rows = batch_rows
         self.prune_every = prune_every
         self.on_fail = on_fail
+        self.on_recover = on_recover
         self.failed: str | None = None
+        """Why the last write failed, while degraded; None when writing."""
+        self.failures = 0  # write failures since start (each one starts or extends a degraded spell)
         self.recovered = 0
-        self.dropped = 0
+        self.dropped = 0  # records lost: a degraded spell, or a backlog past MAX_BACKLOG
+        self._retry_at = 0.0
+        self._backoff = RETRY_FIRST
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._wake = threading.Event()  # set by reads and close: skip the rest of the batch window
         self._lock_fd = -1
@@ -210,16 +128,11 @@ class Ledger:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
             db.execute("PRAGMA synchronous = NORMAL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"schema version {version} is newer than ours ({SCHEMA_VERSION})")
-            db.executescript(_SCHEMA)
+            open_schema(db)
             db.execute("BEGIN IMMEDIATE")
-            self.recovered = db.execute(
-                "UPDATE jobs SET status = 'failed', error_type = 'gateway_restart', error = ?, "
-                "t_finished = COALESCE(t_finished, ?) WHERE status IN ('queued', 'processing')",
-                ("gateway restart: the gateway stopped while this request was in flight",
-                 time.time())).rowcount
+            self.recovered = db.execute(RECOVER_SQL, (
+                "gateway restart: the gateway stopped while this request was in flight; "
+                "finished_at is the last time it was seen alive",)).rowcount
             db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(time.time()),))
             db.execute("COMMIT")
         except sqlite3.Error as e:
@@ -236,25 +149,42 @@ class Ledger:
 
     def record(self, event: str, o: Outcome) -> None:
         """An observer: snapshot now (the Outcome keeps changing), write later. Never blocks."""
-        if self.failed is not None:
-            return
-        if self._q.qsize() >= MAX_BACKLOG:
+        if self.failed is not None or self._q.qsize() >= MAX_BACKLOG:
             self.dropped += 1
             return
-        self._q.put(("queued" if event == "queued" else "upsert", row_of(event, o, self.store_bodies)))
+        self._q.put(row_of(event, o, self.store_bodies))
+
+    def status(self) -> dict[str, Any]:
+        """For /health and /metrics: writing or degraded, and what was lost."""
+        return {"status": "degraded" if self.failed else "ok", "error": self.failed,
+                "dropped_records": self.dropped, "write_failures": self.failures}
 
     async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        if self.failed is not None:
-            raise LedgerError(self.failed)
         c = _Call(fn)
         self._q.put(c)
         self._wake.set()
         return await asyncio.wrap_future(c.future)
 
-    async def get(self, request_id: str) -> dict[str, Any] | None:
-        row = await self.call(lambda db: db.execute(
-            f"SELECT {_COLS} FROM jobs WHERE id = ?", (request_id,)).fetchone())
-        return job_of(row) if row is not None else None
+    async def get(self, request_id: str, seq: int | None = None) -> dict[str, Any] | None:
+        """The latest request with this id (or the one numbered ``seq``), with links to the
+        earlier ones: a client may reuse an id, and every request keeps its own row."""
+        def read(db: sqlite3.Connection) -> tuple[Any, list[Any]]:
+            row = db.execute(f"SELECT {COLS}, seq FROM jobs WHERE id = ?"
+                             + (" AND seq = ?" if seq is not None else "")
+                             + " ORDER BY seq DESC LIMIT 1",
+                             (request_id,) if seq is None else (request_id, seq)).fetchone()
+            if row is None:
+                return None, []
+            return row, db.execute("SELECT seq, status, t_received FROM jobs WHERE id = ? AND seq < ? "
+                                   "ORDER BY seq DESC LIMIT ?", (request_id, row[-1], EARLIER)).fetchall()
+        row, earlier = await self.call(read)
+        if row is None:
+            return None
+        job = job_of(row)
+        job["seq"] = row[-1]
+        job["earlier"] = [{"seq": s, "status": st, "received_at": t,
+                           "url": f"/v1/jobs/{request_id}?seq={s}"} for s, st, t in earlier]
+        return job
 
     async def query(self, q: Query) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; ``next_cursor`` is None on the last page."""
@@ -271,7 +201,7 @@ class Ledger:
         if q.after is not None:
             where.append("seq < ?")
             args.append(decode_cursor(q.after))
-        sql = (f"SELECT {_COLS}, seq FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = (f"SELECT {COLS}, seq FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY seq DESC LIMIT ?")
         rows = await self.call(lambda db: db.execute(sql, (*args, q.limit + 1)).fetchall())
         more = len(rows) > q.limit
@@ -295,8 +225,9 @@ class Ledger:
         the GIL while the event loop is busy; that is most of what the ledger costs a request."""
         next_prune = time.monotonic()
         while True:
+            wake_at = min(next_prune, self._retry_at) if self.failed else next_prune
             try:
-                first = self._q.get(timeout=max(0.0, next_prune - time.monotonic()))
+                first = self._q.get(timeout=max(0.0, wake_at - time.monotonic()))
             except queue.Empty:
                 first = None
             if first is not None and not isinstance(first, _Call) and first is not _STOP:
@@ -306,7 +237,9 @@ class Ledger:
             with contextlib.suppress(queue.Empty):
                 while True:
                     items.append(self._q.get_nowait())
-            rows: list[tuple[str, tuple[Any, ...]]] = []
+            if self.failed and time.monotonic() >= self._retry_at:
+                self._probe()
+            rows: list[tuple[Any, ...]] = []
             stop = False
             for item in items:
                 if item is _STOP:
@@ -326,60 +259,75 @@ class Ledger:
                 return
 
     def _guard(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run one write; on failure, drop it (counted), go degraded and schedule a probe."""
         if self.failed is not None:
+            if args and args[0]:
+                self.dropped += len(args[0])
             return
         try:
             fn(*args)
         except sqlite3.Error as e:
-            self.failed = f"ledger {self.path} failed and is disabled ({type(e).__name__}: {e})"
-            log.error("%s", self.failed)
             with contextlib.suppress(sqlite3.Error):
                 self._db.rollback()
+            self.failures += 1
+            if args and args[0]:
+                self.dropped += len(args[0])
+            self.failed = (f"ledger {self.path} cannot write ({type(e).__name__}: {e}); "
+                           "retrying with backoff, records are dropped meanwhile")
+            self._backoff = RETRY_FIRST
+            self._retry_at = time.monotonic() + self._backoff
+            log.error("%s", self.failed)
             if self.on_fail is not None:
                 self.on_fail(self.failed)
-            self._drain_calls()
 
-    def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _probe(self) -> None:
+        """While degraded: one small write (re-creating the tables if they went away). Success
+        ends the degraded spell; failure doubles the wait for the next probe."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (str(time.time()),))
+            self._db.execute("COMMIT")
+            open_schema(self._db)
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.rollback()
+            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self._retry_at = time.monotonic() + self._backoff
+            log.debug("ledger probe failed (%s); next in %.1fs", e, self._backoff)
+            return
+        msg = f"ledger {self.path} writes again; {self.dropped} record(s) dropped so far"
+        log.warning("%s", msg)
+        self.failed = None
+        if self.on_recover is not None:
+            self.on_recover(msg)
+
+    def _write(self, batch: list[tuple[Any, ...]]) -> None:
         """One transaction per ``batch_rows`` requests; a request's events in one batch become one
-        row write (the first event's kind, the last event's values, the queued event's body)."""
-        merged: dict[str, tuple[str, tuple[Any, ...]]] = {}
-        for op, row in batch:
+        row write (the last event's values, the first event's body)."""
+        merged: dict[str, tuple[Any, ...]] = {}
+        for row in batch:
             seen = merged.get(row[0])
-            if seen is not None and seen[1][3] in TERMINAL and row[3] not in TERMINAL:
-                continue  # a stale event never reopens a finished request (as in _UPSERT)
-            if seen is not None and seen[0] == "queued":
-                op, row = "queued", row if row[-1] is not None else (*row[:-1], seen[1][-1])
-            merged[row[0]] = (op, row)
+            if seen is not None and seen[STATUS] in TERMINAL and row[STATUS] not in TERMINAL:
+                continue  # a stale event never reopens a finished request (as in upsert_sql)
+            if seen is not None and row[-1] is None and seen[-1] is not None:
+                row = (*row[:-1], seen[-1])
+            merged[row[0]] = row
         todo = list(merged.values())
         step = max(1, min(self.batch_rows, ROWS_PER_STATEMENT))
         for i in range(0, len(todo), step):
             chunk = todo[i:i + step]
             self._db.execute("BEGIN")
-            for upsert in (False, True):
-                rows = [r for op, r in chunk if (op != "queued") == upsert]
-                if rows:
-                    self._db.execute(_insert_sql(len(rows), upsert), [v for r in rows for v in r])
+            self._db.execute(upsert_sql(len(chunk)), [v for r in chunk for v in r])
             self._db.execute("COMMIT")
 
     def _answer(self, c: _Call) -> None:
-        if self.failed is not None:
-            c.future.set_exception(LedgerError(self.failed))
-            return
         try:
             c.future.set_result(c.fn(self._db))
+        except sqlite3.Error as e:
+            c.future.set_exception(LedgerError(f"ledger {self.path} cannot be read "
+                                               f"({type(e).__name__}: {e})"))
         except Exception as e:  # a bad query must not kill the writer
             c.future.set_exception(e)
-
-    def _drain_calls(self) -> None:
-        """After a failure: answer waiting reads with the error, drop queued rows."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = self._q.get_nowait()
-                if isinstance(item, _Call):
-                    item.future.set_exception(LedgerError(self.failed or "ledger failed"))
-                elif item is _STOP:
-                    self._q.put(_STOP)
-                    return
 
     def _prune(self) -> None:
         """Drop rows past retention, then the oldest beyond ``max_rows``, in small transactions."""
@@ -399,6 +347,8 @@ class Ledger:
 
     def _finish(self) -> None:
         """Clean stop: requests the drain could not finish are failed now, not at the next start."""
+        if self.failed:
+            self._probe()
         self._guard(lambda: self._db.execute(
             "UPDATE jobs SET status = 'failed', error_type = 'shutting_down', error = ?, "
             "t_finished = ? WHERE status IN ('queued', 'processing')",

@@ -22,7 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -195,6 +195,19 @@ class SupervisorCollector(Collector):
         yield g
         yield q
         yield p
+        yield from self._ledger()
+
+    def _ledger(self) -> Iterator[Metric]:
+        source = self.gw.status_sources.get("ledger")
+        if source is None:
+            return
+        st = source()
+        yield GaugeMetricFamily(f"{NS}_ledger_writing", "1 while the request ledger writes; 0 "
+                                "while it is degraded (retrying after a write failure).",
+                                value=1 if st["status"] == "ok" else 0)
+        yield CounterMetricFamily(f"{NS}_ledger_dropped_records", "Ledger records lost while "
+                                  "it could not write (disk full, I/O error) or was backlogged.",
+                                  value=st["dropped_records"])
 
 
 def attach(gw: Gateway) -> Metrics:
