@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import uvicorn
 
-from mlx_supervisor.gateway import catalog, pidfile
+from mlx_supervisor.gateway import catalog, connections, pidfile
 from mlx_supervisor.gateway.api.app import create_app
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.budget import resolve as resolve_budget
@@ -167,6 +167,18 @@ class GatewayServer(uvicorn.Server):
             self.should_exit = True
 
 
+def limits(cfg: Config, models: int) -> connections.Limits:
+    """The connection limits from the config, the cap fitted to the open-files limit."""
+    soft, _ = connections.raise_fd_limit()
+    cap = connections.connection_cap(cfg.max_connections, soft, models)
+    if cap < cfg.max_connections:
+        log.warning("max_connections lowered from %d to %d to fit the open-files limit (%d)",
+                    cfg.max_connections, cap, soft)
+    return connections.Limits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout,
+                              write_timeout=cfg.write_timeout, max_header_bytes=cfg.max_header_bytes,
+                              max_connections=cap)
+
+
 def run(args: argparse.Namespace) -> int:
     global CONFIG_ARGS
     CONFIG_ARGS = args
@@ -204,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", w)
     app = create_app(gw)
     ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                          timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=30)
+                          timeout_graceful_shutdown=5, lifespan="on",
+                          timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]
+                          http=connections.protocol_class(limits(cfg, len(gw.sup.slots))))
     server = GatewayServer(ucfg, gw, reload_fn=gw.reload)
     log.info("mlx-supervisor listening on http://%s:%d (%d models, budget %s)", cfg.host, cfg.port,
              len(gw.sup.slots), format_size(gw.sup.budget))

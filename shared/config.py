@@ -87,6 +87,25 @@ class Config(Strict):
     max_body_bytes: int = 16 * 2**20
     cors_origins: list[str] = []
     """Browser origins allowed to call the API (CORS); empty = no CORS headers at all."""
+    # Connection limits (gateway/connections.py): clocks per phase, sizes, and the cap.
+    header_timeout: float = 10.0
+    """Seconds a connection gets to send a request's line and headers (then it is closed)."""
+    body_timeout: float = 60.0
+    """Seconds from the end of the headers to the end of the body (then 408)."""
+    write_timeout: float = 30.0
+    """Seconds a client may leave its socket full (not reading) before it is cut off and its
+    request cancelled."""
+    keep_alive_timeout: float = 30.0
+    """Seconds an idle kept-alive connection stays open between requests."""
+    max_header_bytes: int = 32 * 1024
+    """Request line plus headers; more is answered 431."""
+    max_connections: int = 1000
+    """Open client connections; past it the oldest idle one is closed, or the new one gets 503.
+    Lowered at start to fit the open-files limit."""
+    stream_buffer: int = 64
+    """Messages a stream may fall behind its client before its request is paused in the worker."""
+    public_metrics: bool = False
+    """With an api_key set, /metrics needs a key unless this is true."""
     load_timeout: float = 300.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
@@ -177,9 +196,13 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
     except ValueError as e:
         out.append(("$.memory_budget", str(e)))
         budget = None
-    for key in ("max_concurrency", "max_queue", "max_body_bytes", "port"):
+    for key in ("max_concurrency", "max_queue", "max_body_bytes", "port", "max_header_bytes",
+                "max_connections", "stream_buffer"):
         if getattr(cfg, key) < (0 if key == "max_queue" else 1):
             out.append((f"$.{key}", f"must be positive, got {getattr(cfg, key)}"))
+    for key in ("header_timeout", "body_timeout", "write_timeout", "keep_alive_timeout"):
+        if getattr(cfg, key) <= 0:
+            out.append((f"$.{key}", f"must be positive (seconds), got {getattr(cfg, key)}"))
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         out.append(("$.heartbeat_timeout", "must be larger than heartbeat_interval"))
     names: dict[str, str] = {}

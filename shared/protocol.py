@@ -68,6 +68,17 @@ class Cancel(Base, tag="cancel"):
     id: str
 
 
+class Pause(Base, tag="pause"):
+    """Flow control: the gateway's reader of this request is behind; stop sending it tokens
+    (an engine that can pauses the sequence; otherwise the worker holds its output, merged)."""
+
+    id: str
+
+
+class Resume(Base, tag="resume"):
+    id: str
+
+
 class Shutdown(Base, tag="shutdown"):
     reason: str = ""
 
@@ -182,7 +193,7 @@ class Heartbeat(Base, tag="heartbeat"):
     """Sharded groups only, as in ``Ready``."""
 
 
-ToWorker = Load | Generate | Embed | Cancel | Shutdown | Ping
+ToWorker = Load | Generate | Embed | Cancel | Pause | Resume | Shutdown | Ping
 FromWorker = (
     Hello | Ready | LoadFailed | Started | Chunk | Done | Embeddings | Error | Heartbeat
 )

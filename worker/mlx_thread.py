@@ -26,6 +26,7 @@ import zmq
 from mlx_supervisor.shared.protocol import (
     EXIT_LOAD_FAILED,
     Cancel,
+    Chunk,
     Done,
     Embed,
     Embeddings,
@@ -35,7 +36,9 @@ from mlx_supervisor.shared.protocol import (
     Load,
     LoadFailed,
     Memory,
+    Pause,
     Ready,
+    Resume,
     Shutdown,
     encode,
 )
@@ -67,6 +70,8 @@ class MLXThread(threading.Thread):
         self.on_model_id = on_model_id
         self._push: zmq.Socket | None = None
         self._last_snapshot = 0.0
+        self.held: dict[str, list[FromWorker]] = {}
+        """Paused requests (flow control) whose engine cannot pause: their output, merged."""
 
     @property
     def inflight_count(self) -> int:
@@ -80,6 +85,12 @@ class MLXThread(threading.Thread):
 
     def emit(self, msg: FromWorker) -> None:
         """Send one message to the gateway (MLX thread only)."""
+        held = self.held.get(getattr(msg, "id", ""))
+        if held is not None and not isinstance(msg, Error):
+            _hold(held, msg)
+            return
+        if held is not None:  # an error ends the request now: what was held is moot
+            del self.held[msg.id]
         if isinstance(msg, Done | Error | Embeddings):
             self.inflight.discard(msg.id)
             if isinstance(msg, Done):
@@ -230,9 +241,27 @@ class MLXThread(threading.Thread):
             if msg.id in self.inflight:
                 log.info("%s cancelled", msg.id)
                 self.inflight.discard(msg.id)
+                self.held.pop(msg.id, None)
                 self._cancel_quietly(engine, msg.id)
+        elif isinstance(msg, Pause | Resume):
+            self._flow(engine, msg)
         elif isinstance(msg, Load):
             log.warning("ignoring Load for %s: a model is already loaded", msg.model_id)
+
+    def _flow(self, engine: Engine, msg: Pause | Resume) -> None:
+        """The gateway's reader of a request fell behind (Pause) or caught up (Resume). An
+        engine with ``pause``/``resume`` takes the sequence out of its steps; for any other the
+        output is held here, merged into as few chunks as possible, and sent on Resume."""
+        if msg.id not in self.inflight:
+            return
+        native = getattr(engine, "pause" if isinstance(msg, Pause) else "resume", None)
+        if callable(native):
+            native(msg.id)
+        elif isinstance(msg, Pause):
+            self.held.setdefault(msg.id, [])
+        else:
+            for m in self.held.pop(msg.id, []):
+                self.emit(m)
 
     def _cancel_quietly(self, engine: Engine, rid: str) -> None:
         try:
@@ -252,3 +281,15 @@ class MLXThread(threading.Thread):
         except Exception:
             log.exception("engine close failed")
         self._exit(0)
+
+
+def _hold(held: list[FromWorker], msg: FromWorker) -> None:
+    """Keep a paused request's output: consecutive chunks become one (text is small; it is the
+    per-message overhead that would grow)."""
+    last = held[-1] if held else None
+    if isinstance(msg, Chunk) and isinstance(last, Chunk):
+        lps = (last.logprobs or []) + (msg.logprobs or []) if last.logprobs or msg.logprobs else None
+        held[-1] = Chunk(id=msg.id, text=last.text + msg.text, tokens=last.tokens + msg.tokens,
+                         logprobs=lps)
+    else:
+        held.append(msg)

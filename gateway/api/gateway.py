@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
@@ -95,11 +95,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(400, "bad Content-Length header", code="invalid_header") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds max_body_bytes ({limit})", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds max_body_bytes ({limit})",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone (or cut at body_timeout) before the body ended
+        raise APIError(499, "client disconnected before the body ended",
+                       code="client_disconnected") from None
     return b"".join(chunks)
 
 

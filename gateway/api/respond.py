@@ -31,6 +31,7 @@ async def start_run(request: Request, gw: Gateway, model_id: str, route: str,
     outcome = Outcome(request_id=msg.id, model=model_id, route=route,
                       t_received=request.state.t_received)
     outcome.client, outcome.body = (request.client.host if request.client else None), msg
+    outcome.conn = request.scope.get("state")
     request.state.outcome = outcome
     gw.observe("queued", outcome)
     runs: list[Run] = []

@@ -78,6 +78,7 @@ class Outcome:
     t_finished: float | None = None
     client: str | None = None  # the client's address, for the ledger
     body: p.Generate | p.Embed | None = None  # the decoded request, for ledger.store_bodies
+    conn: dict[str, Any] | None = None  # the connection's request state: why it was cut, if it was
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     """This request's own key (``request_id`` is the client's and may be reused)."""
 
@@ -181,7 +182,10 @@ class Run:
         o = self.outcome
         if not self.stream.finished:
             self.sup.transport.send(self.lease.worker_id, p.Cancel(id=self.msg.id))
-            o.status, o.error = "cancelled", o.error or "client went away"
+            cut = o.conn.get("cut") if o.conn else None
+            o.status, o.error = "cancelled", cut or o.error or "client went away"
+            if cut:
+                o.error_type = "write_timeout"
         self.sup.transport.close_stream(self.msg.id)
         self.lease.release()
         if error is not None:

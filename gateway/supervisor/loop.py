@@ -50,7 +50,7 @@ class Supervisor:
                  endpoint: str, bus: Bus | None = None, launcher: Launcher | None = None):
         self.cfg = cfg
         self.bus = bus or Bus()
-        self.transport = Transport(endpoint, self._on_transport_control)
+        self.transport = Transport(endpoint, self._on_transport_control, cfg.stream_buffer)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.fx = ProcessEffects(self.transport, launcher or ExecLauncher(cfg, endpoint), self.bus,
                                  self.events.put_nowait, cfg.stop_grace)

@@ -5,6 +5,13 @@ everything else (hello, ready, heartbeats) goes to the supervisor as an event. F
 routing id we did not spawn, and frames that do not decode, are logged and dropped. A ``Hello``
 of another protocol version reaches the supervisor as that worker's ``LoadFailed`` (naming both
 versions), and nothing more from it is read.
+
+Flow control: a stream whose reader falls ``high`` messages behind (the HTTP client stopped
+reading, so the route stopped pulling) asks its worker to ``Pause`` that one request, and to
+``Resume`` it once the backlog is down to a quarter of that. Messages already on their way when
+the pause lands still queue, up to ``4 * high``; past that the request is cancelled and the stream
+ends with an error, so one stream's memory is bounded whatever the worker does. The socket has
+high-water marks as the last backstop.
 """
 
 from __future__ import annotations
@@ -26,35 +33,64 @@ log = logging.getLogger("mlx_supervisor.transport")
 ControlHandler = Callable[[str, p.FromWorker], None]
 _TERMINAL = (p.Done, p.Error, p.Embeddings)
 RECV_BURST = 256  # messages taken per turn of the event loop
+STREAM_BUFFER = 64  # messages a stream may fall behind before its request is paused
+HWM = 10_000  # ZeroMQ high-water marks (messages), a backstop behind the per-stream limits
 
 
 class RequestStream:
     """What one request gets back from its worker, in order, ending with a terminal message."""
 
-    def __init__(self, request_id: str, worker_id: str):
+    def __init__(self, request_id: str, worker_id: str, send: Callable[[str, p.Base], bool] | None = None,
+                 high: int = STREAM_BUFFER):
         self.request_id = request_id
         self.worker_id = worker_id
         self.queue: asyncio.Queue[p.FromWorker] = asyncio.Queue()
         self.finished = False
+        self.paused = False
+        self.overflowed = False
+        self.pauses = 0
+        self._send = send
+        self.high = max(1, high)
+
+    def put(self, msg: p.FromWorker) -> None:
+        """From the receive loop: queue, pausing the request when the reader falls behind."""
+        if self.overflowed:
+            return
+        n = self.queue.qsize()
+        if n >= 4 * self.high and not isinstance(msg, _TERMINAL):
+            self.overflowed = True
+            if self._send is not None:
+                self._send(self.worker_id, p.Cancel(id=self.request_id))
+            msg = p.Error(id=self.request_id, status=503, code="slow_consumer",
+                          message=f"the client fell {n} messages behind and the request was cancelled")
+        elif n + 1 >= self.high and not self.paused and self._send is not None:
+            self.paused = True
+            self.pauses += 1
+            self._send(self.worker_id, p.Pause(id=self.request_id))
+        self.queue.put_nowait(msg)
 
     async def __aiter__(self) -> AsyncIterator[p.FromWorker]:
         while not self.finished:
             msg = await self.queue.get()
             if isinstance(msg, _TERMINAL):
                 self.finished = True
+            elif self.paused and self.queue.qsize() <= self.high // 4 and self._send is not None:
+                self.paused = False
+                self._send(self.worker_id, p.Resume(id=self.request_id))
             yield msg
 
 
 class Transport:
-    def __init__(self, endpoint: str, on_control: ControlHandler):
+    def __init__(self, endpoint: str, on_control: ControlHandler, stream_buffer: int = STREAM_BUFFER):
         self.endpoint = endpoint
+        self.stream_buffer = stream_buffer
         self._on_control = on_control
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.SNDHWM, HWM)
+        self._sock.setsockopt(zmq.RCVHWM, HWM)
         self._sock.bind(endpoint)
         self._known: set[bytes] = set()
         self._streams: dict[str, RequestStream] = {}
@@ -79,7 +115,7 @@ class Transport:
         self._known.discard(worker_id.encode())
 
     def open_stream(self, request_id: str, worker_id: str) -> RequestStream:
-        s = RequestStream(request_id, worker_id)
+        s = RequestStream(request_id, worker_id, self.send, self.stream_buffer)
         self._streams[request_id] = s
         return s
 
@@ -91,7 +127,8 @@ class Transport:
         n = 0
         for s in list(self._streams.values()):
             if s.worker_id == worker_id and not s.finished:
-                s.queue.put_nowait(p.Error(id=s.request_id, message=message, status=503, code=code))
+                s.overflowed = False  # an end always gets through
+                s.put(p.Error(id=s.request_id, message=message, status=503, code=code))
                 n += 1
         return n
 
@@ -99,7 +136,8 @@ class Transport:
         s = self._streams.get(request_id)
         if s is None or s.finished:
             return False
-        s.queue.put_nowait(p.Error(id=request_id, message=message, status=status, code=code))
+        s.overflowed = False
+        s.put(p.Error(id=request_id, message=message, status=status, code=code))
         return True
 
     def streams_of(self, worker_id: str) -> list[str]:
@@ -174,6 +212,6 @@ class Transport:
         if rid is not None:
             stream = self._streams.get(rid)
             if stream is not None and stream.worker_id == wid.decode():
-                stream.queue.put_nowait(msg)
+                stream.put(msg)
             return
         self._on_control(wid.decode(), msg)

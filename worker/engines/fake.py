@@ -91,6 +91,7 @@ class FakeEngine:
         self.finished = 0
         self.peak = 0
         self.active: dict[str, _Req] = {}
+        self.paused: dict[str, _Req] = {}
 
     def load(self, path: str) -> LoadInfo:
         if self.crash_at_load:
@@ -146,6 +147,18 @@ class FakeEngine:
 
     def cancel(self, request_id: str, emit: Emit) -> None:
         self.active.pop(request_id, None)
+        self.paused.pop(request_id, None)
+
+    def pause(self, request_id: str) -> None:
+        """Flow control: the sequence sits out of the steps until ``resume``."""
+        r = self.active.pop(request_id, None)
+        if r is not None:
+            self.paused[request_id] = r
+
+    def resume(self, request_id: str) -> None:
+        r = self.paused.pop(request_id, None)
+        if r is not None:
+            self.active[request_id] = r
 
     def has_work(self) -> bool:
         return bool(self.active)
@@ -182,4 +195,5 @@ class FakeEngine:
 
     def close(self) -> None:
         self.active.clear()
+        self.paused.clear()
 
