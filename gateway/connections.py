@@ -71,7 +71,7 @@ def raise_fd_limit() -> tuple[int, int]:
 def connection_cap(wanted: int, fd_soft: int, models: int) -> int:
     """``max_connections``, lowered so that the descriptors the gateway needs itself are left."""
     room = fd_soft - FD_RESERVE - FD_PER_MODEL * models
-    return max(8, min(wanted, room))
+    return min(wanted, max(8, room))
 
 
 def protocol_class(limits: Limits) -> type[HttpToolsProtocol]:

@@ -72,7 +72,8 @@ class ServerProcess:
     def __init__(self, models: dict[str, dict[str, Any]], settings: dict[str, Any] | None = None,
                  workdir: Path | None = None, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, ready_timeout: float = 60.0,
-                 config_last: bool = False):
+                 config_last: bool = False,
+                 rlimits: dict[int, tuple[int, int]] | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mlxsup-"))
         self.port = free_port()
         base = {"host": "127.0.0.1", "port": self.port, "run_dir": str(self.workdir / "run"),
@@ -85,6 +86,7 @@ class ServerProcess:
         self.env = env or {}
         self.ready_timeout = ready_timeout
         self.config_last = config_last  # `serve --config FILE` rather than `--config FILE serve`
+        self.rlimits = rlimits or {}  # resource limits for the gateway (RLIMIT_NOFILE: (soft, hard))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "gateway.log"
 
@@ -99,13 +101,20 @@ class ServerProcess:
             [sys.executable, "-m", "mlx_supervisor.gateway.cli",
              *(["serve", "--config", str(self.config)] if self.config_last
                else ["--config", str(self.config), "serve"]), *self.extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=self._set_rlimits if self.rlimits else None)
         if wait_healthy(self.proc, self.url + "/health", self.ready_timeout):
             return self
         if self.proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
         self.stop()
         raise RuntimeError(f"gateway did not answer /health within {self.ready_timeout}s:\n{self.log()}")
+
+    def _set_rlimits(self) -> None:
+        import resource
+
+        for which, limits in self.rlimits.items():
+            resource.setrlimit(which, limits)
 
     def log(self) -> str:
         try:

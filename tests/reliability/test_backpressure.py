@@ -1,0 +1,94 @@
+"""Clients that stop reading: the gateway's memory stays bounded (each stream's buffer is, and
+its request is paused in the worker), each one is cut off once its socket has been full for
+``write_timeout`` (request cancelled in the worker, slot freed, ledger row says why), and a
+reading client on the same model is served meanwhile."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import psutil
+
+from mlx_supervisor.gateway.testing.server import ServerProcess
+
+from ._kit import chat_body, fake, hot, wait_for
+
+WRITE_TIMEOUT = 2.0
+FAST = {**fake(FAKE_TOKEN_DELAY=0.002, FAKE_CONTEXT_LENGTH=10**6), "max_concurrency": 8, "max_queue": 100}
+
+
+def _non_reader(srv: ServerProcess, rid: str) -> socket.socket:
+    """A streaming request for half a million tokens from a client that never reads a byte."""
+    body = json.dumps(chat_body("fast", max_tokens=500_000, stream=True)).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", srv.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"x-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body)) + body)
+    return s
+
+
+def _rss(srv: ServerProcess) -> int:
+    assert srv.proc is not None
+    return int(psutil.Process(srv.proc.pid).memory_info().rss)
+
+
+def _job(srv: ServerProcess, rid: str) -> dict:
+    r = httpx.get(f"{srv.url}/v1/jobs/{rid}", timeout=10)
+    r.raise_for_status()
+    data: dict = r.json()
+    return data
+
+
+def test_non_reading_streams_are_bounded_cut_and_free_their_slots() -> None:
+    n = 24  # three rounds of max_concurrency (8): every one must be cut for the next to start
+    settings = {"write_timeout": WRITE_TIMEOUT, "queue_timeout": 90.0}
+    with ServerProcess({"fast": FAST}, settings) as srv:
+        httpx.post(srv.url + "/admin/models/fast/load", timeout=30).raise_for_status()
+        warm = [_non_reader(srv, f"warm{i}") for i in range(2)]  # the code paths, once
+        wait_for(lambda: _job(srv, "warm1")["status"] == "cancelled", 60)
+        for s in warm:
+            s.close()
+        rss0 = _rss(srv)
+        peak = [rss0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.25):
+                peak[0] = max(peak[0], _rss(srv))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        socks = [_non_reader(srv, f"nr{i}") for i in range(n)]
+        try:
+            good = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("fast", max_tokens=20),
+                              timeout=120)
+            assert good.status_code == 200, good.text
+            assert good.json()["choices"][0]["finish_reason"] == "length"
+            jobs = wait_for(lambda: (js := [_job(srv, f"nr{i}") for i in range(n)])
+                            and all(j["status"] != "processing" and j["status"] != "queued" for j in js)
+                            and js, 120, step=0.5)
+        finally:
+            stop.set()
+            sampler.join(5)
+            for s in socks:
+                s.close()
+        assert time.monotonic() - t0 < 150
+        for j in jobs:
+            assert j["status"] == "cancelled", j
+            assert j["error"]["type"] == "write_timeout", j
+            assert j["usage"]["completion_tokens"] > 0
+        wait_for(lambda: hot(srv)["fast"]["inflight"] == 0, 10)
+        grown = (peak[0] - rss0) / 2**20
+        assert grown <= 20, f"gateway RSS grew by {grown:.1f} MiB under {n} non-reading streams"
+        # Each one was paused in the worker: it stopped at a few thousand tokens, not 500000.
+        assert max(j["usage"]["completion_tokens"] for j in jobs) < 50_000
+        log = srv.log()
+        assert "Traceback" not in log
+    assert srv.orphans == []

@@ -1,0 +1,93 @@
+"""Flow control between a stream and its worker: ``Pause`` stops one request's output (the fake
+engine takes the sequence out of its steps; the real LM engine's output is held, merged), and
+``Resume`` brings it back with nothing lost. The gateway's stream buffer sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from mlx_supervisor.gateway.supervisor.transport import RequestStream
+from mlx_supervisor.shared import protocol as p
+from mlx_supervisor.shared.protocol import Chunk, Done, Generate, Heartbeat, Pause, Ready, Resume
+
+CHAT = [{"role": "user", "content": "Hello there, how are you today?"}]
+
+
+def _collect(w, seconds: float) -> list:
+    out, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            m = w.recv(max(0.001, end - time.monotonic()))
+        except TimeoutError:
+            break
+        if not isinstance(m, Heartbeat):
+            out.append(m)
+    return out
+
+
+def _pause_and_resume(w, rid: str, max_tokens: int) -> tuple[str, int]:
+    """Stream ``rid``, pause it after a few chunks, check it goes quiet, resume, finish."""
+    w.send(Generate(id=rid, messages=CHAT, max_tokens=max_tokens, temperature=0.0))
+    text, tokens, seen = "", 0, 0
+    while seen < 3:
+        m = w.recv(timeout=60)
+        if isinstance(m, Chunk):
+            seen += 1
+            text, tokens = text + m.text, tokens + m.tokens
+    w.send(Pause(id=rid))
+    settle = _collect(w, 0.5)  # what was already on its way
+    text += "".join(m.text for m in settle if isinstance(m, Chunk))
+    tokens += sum(m.tokens for m in settle if isinstance(m, Chunk))
+    assert not any(isinstance(m, Done) for m in settle), "finished before the pause took"
+    quiet = _collect(w, 1.5)
+    assert quiet == [], f"{len(quiet)} messages while paused"
+    w.send(Resume(id=rid))
+    rest = w.until(Done, timeout=60)
+    text += "".join(m.text for m in rest if isinstance(m, Chunk))
+    tokens += sum(m.tokens for m in rest if isinstance(m, Chunk))
+    assert rest[-1].completion_tokens == max_tokens
+    return text, tokens
+
+
+def test_fake_worker_pauses_one_sequence_and_resumes_it(workers) -> None:
+    w = workers.spawn("f", "fake", env={"FAKE_TOKEN_DELAY": "0.01"})
+    w.recv(timeout=30)  # Hello
+    assert isinstance(w.recv(timeout=30), Ready)
+    text, tokens = _pause_and_resume(w, "r1", 200)
+    assert tokens == 200 and text.split() == [f"tok{i}" for i in range(200)]
+
+
+def test_lm_worker_holds_a_paused_requests_output_and_loses_nothing(workers, demo_model_dir: Path) -> None:
+    w = workers.spawn("tiny", "lm", demo_model_dir)
+    w.recv(timeout=30)
+    assert isinstance(w.recv(timeout=60), Ready)
+    w.send(Generate(id="ref", messages=CHAT, max_tokens=300, temperature=0.0))
+    ref = w.until(Done, timeout=60)
+    want = "".join(m.text for m in ref if isinstance(m, Chunk))
+    text, tokens = _pause_and_resume(w, "r2", 300)
+    assert tokens == 300 and text == want
+
+
+def test_the_stream_buffer_pauses_resumes_and_caps_a_reader_that_fell_behind() -> None:
+    async def run() -> None:
+        sent: list[p.Base] = []
+        s = RequestStream("r", "w", lambda _w, m: sent.append(m) or True, high=8)
+        for i in range(7):
+            s.put(p.Chunk(id="r", text=f"t{i}"))
+        assert sent == []
+        s.put(p.Chunk(id="r", text="t7"))
+        assert sent == [p.Pause(id="r")]
+        it = s.__aiter__()
+        for _ in range(6):  # down to 2 left: a quarter of the buffer
+            await it.__anext__()
+        assert sent == [p.Pause(id="r"), p.Resume(id="r")]
+        for i in range(40):  # a worker that ignores Pause: capped at 4x, then cancelled
+            s.put(p.Chunk(id="r", text=f"x{i}"))
+        assert isinstance(sent[-1], p.Cancel) and s.overflowed
+        assert s.queue.qsize() <= 4 * 8 + 1
+        msgs = [m async for m in it]
+        assert isinstance(msgs[-1], p.Error) and msgs[-1].code == "slow_consumer"
+
+    asyncio.run(run())
