@@ -100,7 +100,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------ connection life
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:

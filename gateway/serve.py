@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(gw)
     ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                           timeout_graceful_shutdown=5, lifespan="on",
-                          timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]
+                          timeout_keep_alive=cfg.keep_alive_timeout,
                           http=connections.protocol_class(limits(cfg, len(gw.sup.slots))))
     server = GatewayServer(ucfg, gw, reload_fn=gw.reload)
     log.info("mlx-supervisor listening on http://%s:%d (%d models, budget %s)", cfg.host, cfg.port,

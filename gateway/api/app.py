@@ -124,15 +124,18 @@ class GatewayMiddleware:
     def _auth(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         cfg = self.gw.cfg
         if path.startswith(ADMIN_PREFIXES):
-            want = cfg.admin_key or cfg.api_key
+            wants = [cfg.admin_key or cfg.api_key]
         elif path.startswith("/v1/"):
-            want = cfg.api_key
+            wants = [cfg.api_key]
+        elif path == "/metrics" and not cfg.public_metrics:
+            wants = [cfg.api_key, cfg.admin_key]  # a scraper may hold either key
         else:
             return None
-        if not want:
+        keys = [k for k in wants if k]
+        if not keys:
             return None
         given = _token(headers)
-        if _matches(given, want):
+        if any(_matches(given, k) for k in keys):
             return None
         msg = "missing API key (send 'Authorization: Bearer KEY')" if given is None else "invalid API key"
         return APIError(401, msg, code="invalid_api_key", type="invalid_request_error")

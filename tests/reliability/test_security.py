@@ -174,3 +174,14 @@ def test_workers_do_not_inherit_secrets(srv: ServerProcess) -> None:
         assert not leaked, leaked
         assert env["FAKE_MEMORY_BYTES"]  # the model's own env still arrives
         assert API_KEY not in "".join(env.values()) and ADMIN_KEY not in "".join(env.values())
+
+
+def test_metrics_need_a_key_when_one_is_set_unless_public(srv: ServerProcess) -> None:
+    assert httpx.get(srv.url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(srv.url + "/metrics", headers=auth("wrong"), timeout=10).status_code == 401
+    for key in (API_KEY, ADMIN_KEY):
+        r = httpx.get(srv.url + "/metrics", headers=auth(key), timeout=10)
+        assert r.status_code == 200 and "mlx_supervisor_" in r.text
+    assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # probes stay public
+    with ServerProcess({"m": fake()}, {"api_key": API_KEY, "public_metrics": True}) as pub:
+        assert httpx.get(pub.url + "/metrics", timeout=10).status_code == 200
