@@ -24,6 +24,23 @@ class Base(msgspec.Struct, tag_field="t", omit_defaults=True, forbid_unknown_fie
 # ---------------------------------------------------------------- gateway -> worker
 
 
+class JsonFormat(msgspec.Struct, omit_defaults=True):
+    """Constrain the answer (after any thinking) to JSON: any object (``schema`` None, OpenAI's
+    ``json_object``) or one valid against ``schema`` (``json_schema``). ``strict`` False compiles
+    the schema leniently (keywords llguidance does not implement are ignored, not refused)."""
+
+    schema: dict[str, Any] | None = None
+    strict: bool = True
+
+
+class ToolCall(msgspec.Struct, omit_defaults=True):
+    """One parsed tool call, as OpenAI shows it: ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Generate(Base, tag="generate"):
     """One text (or vision) generation. Exactly one of ``messages``/``prompt``/``prompt_ids``."""
 
@@ -46,6 +63,17 @@ class Generate(Base, tag="generate"):
     top_logprobs: int = 0
     images: list[bytes] = []
     """Raw image file bytes (PNG/JPEG), already fetched and size-checked by the gateway."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI function tools (``{"type": "function", "function": {...}}``), for the chat template
+    and the model's tool parser; checked by the gateway (names, schemas that compile)."""
+    tool_choice: str = "auto"
+    """``auto``, ``none`` (tools are not shown to the model), ``required`` or ``function``
+    (``tool_name``); the last two are enforced by a grammar."""
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    json_format: JsonFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the chat template (``enable_thinking``, ...)."""
 
 
 class Load(Base, tag="load"):
@@ -143,12 +171,16 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 
 
 class Chunk(Base, tag="chunk"):
-    """Text produced since the last chunk; ``tokens`` counts the tokens behind it."""
+    """Output since the last chunk; ``tokens`` counts the tokens behind it. ``text`` is the
+    answer, ``reasoning`` the thinking (between the tokenizer's thinking markers) and
+    ``tool_calls`` the calls parsed from the model's tool-call markup, none of which is text."""
 
     id: str
     text: str
     tokens: int = 1
     logprobs: list[TokenLogprob] | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = []
 
 
 class Started(Base, tag="started"):

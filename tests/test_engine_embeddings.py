@@ -172,7 +172,7 @@ def test_cancel_drops_queued_request(engine: EmbeddingsEngine) -> None:
     out: list[Any] = []
     engine.submit(Embed(id="a", texts=["one"]), out.append)
     engine.submit(Embed(id="b", texts=["two"]), out.append)
-    engine.cancel("a", out.append)
+    engine.cancel("a")
     while engine.has_work():
         engine.step(out.append)
     assert [m.id for m in out] == ["b"]

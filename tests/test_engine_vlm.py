@@ -153,8 +153,8 @@ def test_cancel_running_and_queued(engine: VLMEngine) -> None:
     engine.submit(Generate(id="c3", messages=ask("c", 0), max_tokens=2), out.append)
     for _ in range(3):
         engine.step(out.append)
-    engine.cancel("c1", out.append)
-    engine.cancel("c2", out.append)
+    engine.cancel("c1")
+    engine.cancel("c2")
     seen = len(out)
     while engine.has_work():
         engine.step(out.append)

@@ -40,7 +40,7 @@ def run(engine: LMEngine, *reqs: Generate, cancel_after: dict[str, int] | None =
         for rid, n in (cancel_after or {}).items():
             if sum(isinstance(m, Chunk) for m in out[rid]) >= n and not isinstance(
                     out[rid][-1], Done):
-                engine.cancel(rid, emit)
+                engine.cancel(rid)
     assert not engine.running and not engine.by_id
     return out
 
@@ -281,7 +281,7 @@ def run_script(engine: LMEngine, script: dict[int, list], until_idle: bool = Tru
                 out.setdefault(action.id, [])
                 engine.submit(action, emit)
             else:
-                engine.cancel(action, emit)
+                engine.cancel(action)
         if engine.has_work():
             engine.step(emit)
         alone.append(engine.solo is not None)

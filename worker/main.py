@@ -240,7 +240,7 @@ def _heartbeat(dealer: zmq.Socket, mlx: MLXThread, proc: psutil.Process) -> None
         memory=Memory(active=mem.active, cache=mem.cache, peak=mem.peak,
                       rss=max(rss, mem.rss)),
         inflight=mlx.inflight_count, queued=mlx.queued_count,
-        ranks=list(getattr(mlx.engine, "ranks", None) or []))))
+        ranks=mlx.engine.ranks if mlx.engine is not None else [])))
 
 
 def _forward(pull: zmq.Socket, dealer: zmq.Socket, limit: int | None) -> int | None:

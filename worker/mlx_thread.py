@@ -172,9 +172,7 @@ class MLXThread(threading.Thread):
                 # fail before the engine's imports: seconds sooner for a wrong path
                 raise FileNotFoundError(f"model path {msg.path!r} does not exist")
             self.engine = make_engine(msg.kind, context_length=msg.context_length)
-            if hasattr(self.engine, "model_id"):
-                self.engine.model_id = msg.model_id  # for error messages that name the model
-            info = self.engine.load(msg.path)
+            info = self.engine.load(msg.path, msg.model_id)
         except BaseException as e:  # noqa: BLE001 - anything at all is a load failure
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             reason = f"loading {msg.model_id} from {msg.path or '(no path)'} failed: {reason}"
@@ -195,7 +193,7 @@ class MLXThread(threading.Thread):
                                       rss=max(rss, mem.rss)),
                         context_length=info.context_length,
                         embedding_dims=info.embedding_dims,
-                        ranks=list(getattr(self.engine, "ranks", None) or [])))
+                        ranks=info.ranks))
         return True
 
     def _serve(self) -> None:
@@ -265,7 +263,7 @@ class MLXThread(threading.Thread):
 
     def _cancel_quietly(self, engine: Engine, rid: str) -> None:
         try:
-            engine.cancel(rid, lambda _m: None)
+            engine.cancel(rid)
         except Exception:
             log.exception("%s cancel failed", rid)
 

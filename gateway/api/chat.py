@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 
 from mlx_supervisor.gateway.api import schemas as t
+from mlx_supervisor.gateway.api import tools
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.api.respond import start_run
 from mlx_supervisor.gateway.api.run import Run
@@ -35,8 +36,15 @@ def flatten(messages: list[t.ChatMessage]) -> tuple[list[dict[str, Any]], list[s
             raise bad_request(f"messages[{i}].role must be system, user, assistant, tool or developer, "
                               f"got {m.role!r}", f"messages[{i}].role")
         role = "system" if m.role == "developer" else m.role
+        extra: dict[str, Any] = {}  # what templates render for tool turns
+        if m.tool_calls:
+            extra["tool_calls"] = tools.tool_calls_in(i, m.tool_calls)
+        if m.tool_call_id is not None:
+            extra["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            extra["name"] = m.name
         if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
+            out.append({"role": role, "content": m.content or "", **extra})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(m.content):
@@ -50,9 +58,9 @@ def flatten(messages: list[t.ChatMessage]) -> tuple[list[dict[str, Any]], list[s
                 raise bad_request(f"messages[{i}].content[{j}]: unsupported content part type "
                                   f"{part.type!r}", f"messages[{i}].content[{j}].type")
         if any(p_["type"] == "image" for p_ in parts):
-            out.append({"role": role, "content": parts})
+            out.append({"role": role, "content": parts, **extra})
         else:  # text-only: one string, which every chat template understands
-            out.append({"role": role, "content": "\n".join(p_["text"] for p_ in parts)})
+            out.append({"role": role, "content": "\n".join(p_["text"] for p_ in parts), **extra})
     if not out:
         raise bad_request("messages must not be empty", "messages")
     return out, images
@@ -80,8 +88,9 @@ async def start_chat(request: Request, gw: Gateway, req: t.ChatRequest, route: s
         raise bad_request("top_logprobs must be in [0, 20]", "top_logprobs")
     messages, image_urls = flatten(req.messages)
     if entry.kind == "embeddings":
-        raise bad_request(f"model {entry.id!r} is an embeddings model; use /v1/embeddings", "model",
-                          code="wrong_model_kind")
+        raise bad_request(f"model {entry.id!r} is an embeddings model; use /v1/embeddings",
+                          "tools" if req.tools else "model", code="wrong_model_kind")
+    extra = tools.generate_fields(req, entry.kind)
     images: list[bytes] = []
     if image_urls:
         if entry.kind != "vlm":
@@ -90,7 +99,7 @@ async def start_chat(request: Request, gw: Gateway, req: t.ChatRequest, route: s
         images = await gw.fetch_images(image_urls)
     rid = request.state.request_id
     msg = p.Generate(messages=messages, images=images, logprobs=bool(req.logprobs),
-                     top_logprobs=req.top_logprobs or 0, **sampling(req, rid, max_tokens))
+                     top_logprobs=req.top_logprobs or 0, **sampling(req, rid, max_tokens), **extra)
     return await start_run(request, gw, entry.id, route, msg), entry.id
 
 

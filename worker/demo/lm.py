@@ -67,8 +67,9 @@ def _corpus() -> list[str]:
     return lines + [ln.lower() for ln in lines] + [ln.upper() for ln in lines]
 
 
-def _train_tokenizer():  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(added: tuple[str, ...] = ()):  # -> tokenizers.Tokenizer
+    """The BPE; ``added`` become added (non-special) tokens, as Qwen's ``<tool_call>`` are."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,6 +81,8 @@ def _train_tokenizer():  # -> tokenizers.Tokenizer
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return tok
 
 
@@ -149,7 +152,8 @@ def _is_complete(d: Path) -> bool:
 def build(dir: str | Path, seed: int = 0, *, hidden_size: int | None = None,
           num_layers: int | None = None, num_heads: int | None = None,
           num_kv_heads: int | None = None, intermediate_size: int | None = None,
-          vocab_size: int | None = None) -> Path:
+          vocab_size: int | None = None, added_tokens: tuple[str, ...] = (),
+          chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write the demo model into ``dir`` (created if needed) and return it.
 
     Skips the work when a complete model is already there, so concurrent test sessions can share
@@ -158,6 +162,7 @@ def build(dir: str | Path, seed: int = 0, *, hidden_size: int | None = None,
     The keyword arguments make a bigger model of the same kind (benchmarks): ``vocab_size``
     pads the output head and embeddings past the tokenizer's ~768 tokens (padded rows are never
     picked). Left out, each keeps the tiny default, and the files are byte-identical to before.
+    ``added_tokens`` and ``chat_template`` make the tool-calling variant (:mod:`.tools`).
     """
     import mlx.core as mx
 
@@ -167,7 +172,7 @@ def build(dir: str | Path, seed: int = 0, *, hidden_size: int | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tok = _train_tokenizer()
+        tok = _train_tokenizer(added_tokens)
         vocab = tok.get_vocab_size()
         eos_id = tok.token_to_id(EOS)
         (tmp / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
@@ -179,7 +184,7 @@ def build(dir: str | Path, seed: int = 0, *, hidden_size: int | None = None,
             "unk_token": None,
             "model_max_length": CONTEXT,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": chat_template,
         }
         _write_json(tmp / "tokenizer_config.json", tok_cfg)
         _write_json(tmp / "special_tokens_map.json",

@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 import psutil
 
-from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate, Memory
+from mlx_supervisor.shared.protocol import Embed, Embeddings, Error, Generate, Memory, RankInfo
 from mlx_supervisor.worker.engines.base import Emit, LoadInfo
 from mlx_supervisor.worker.engines.wired import Wired
 from mlx_supervisor.worker.validation import bad_request
@@ -73,6 +73,7 @@ class EmbeddingsEngine:
     def __init__(self, max_length: int | None = None, tokens_per_pass: int = TOKENS_PER_PASS):
         """``max_length`` lowers the truncation limit below the model's own (tests use it)."""
         self.model_id = "model"
+        self.ranks: list[RankInfo] = []  # a single process: no ranks
         """Named in error messages; the worker may set it, ``load`` defaults it to the dir name."""
         self._model: Any = None
         self._tokenizer: Any = None
@@ -86,13 +87,12 @@ class EmbeddingsEngine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def load(self, path: str) -> LoadInfo:
+    def load(self, path: str, model_id: str = "") -> LoadInfo:
         from mlx_embeddings import load
 
         if not Path(path, "config.json").is_file():  # else mlx-embeddings tries the Hub
             raise FileNotFoundError(f"no config.json in model directory {path}")
-        if self.model_id == "model":
-            self.model_id = Path(path).name
+        self.model_id = model_id or Path(path).name
         self._model, self._tokenizer = load(path)
         config = self._model.config
         limit = int(
@@ -110,7 +110,8 @@ class EmbeddingsEngine:
         probe = self._encode([self._tokenizer.encode("hello")])
         self._dims = int(probe.shape[-1])
         self.wired.hold(self._model)
-        return LoadInfo(kind="embeddings", context_length=self._max_len, embedding_dims=self._dims)
+        return LoadInfo(kind="embeddings", model_id=self.model_id, context_length=self._max_len,
+                        embedding_dims=self._dims)
 
     def close(self) -> None:
         self._jobs.clear()
@@ -154,7 +155,7 @@ class EmbeddingsEngine:
                        f"{self.model_id}", "dimensions")
         return None
 
-    def cancel(self, request_id: str, emit: Emit) -> None:
+    def cancel(self, request_id: str) -> None:
         self._jobs = deque(j for j in self._jobs if j.req.id != request_id)
 
     def has_work(self) -> bool:

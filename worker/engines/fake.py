@@ -36,6 +36,7 @@ from mlx_supervisor.shared.protocol import (
     Embeddings,
     Generate,
     Memory,
+    RankInfo,
     Started,
 )
 from mlx_supervisor.worker import process_guard
@@ -80,6 +81,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 class FakeEngine:
     def __init__(self, context_length: int = 0) -> None:
+        self.ranks: list[RankInfo] = []
         self.load_seconds = _env_float("FAKE_LOAD_SECONDS", 0.0)
         self.load_fail = os.environ.get("FAKE_LOAD_FAIL", "")
         self.crash_at_load = os.environ.get("FAKE_CRASH_AT_LOAD", "") not in ("", "0")
@@ -93,7 +95,7 @@ class FakeEngine:
         self.active: dict[str, _Req] = {}
         self.paused: dict[str, _Req] = {}
 
-    def load(self, path: str) -> LoadInfo:
+    def load(self, path: str, model_id: str = "") -> LoadInfo:
         if self.crash_at_load:
             print("fake engine: FAKE_CRASH_AT_LOAD set, crashing now", file=sys.stderr, flush=True)
             os._exit(1)
@@ -101,7 +103,8 @@ class FakeEngine:
             time.sleep(self.load_seconds)
         if self.load_fail:
             raise RuntimeError(self.load_fail)
-        return LoadInfo(kind="fake", context_length=self.context_length, embedding_dims=8)
+        return LoadInfo(kind="fake", model_id=model_id or "fake", context_length=self.context_length,
+                        embedding_dims=8)
 
     def submit(self, req: Generate | Embed, emit: Emit) -> None:
         if isinstance(req, Embed):
@@ -145,7 +148,7 @@ class FakeEngine:
         emit(Embeddings(id=req.id, vectors=vectors, dims=dims,
                         prompt_tokens=sum(len(t.split()) for t in texts)))
 
-    def cancel(self, request_id: str, emit: Emit) -> None:
+    def cancel(self, request_id: str) -> None:
         self.active.pop(request_id, None)
         self.paused.pop(request_id, None)
 

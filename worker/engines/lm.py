@@ -11,8 +11,8 @@ Decisions worth knowing:
   leaves no room for one new token is a 400 ``context_length_exceeded``; otherwise
   ``max_tokens`` is *clamped* to what fits and the request ends with finish_reason "length".
 - Stops: EOS and the request's stop strings end generation at the token level
-  (``make_stop_sequences``); a decoded-text check (:class:`StopText`) also ends the stream when
-  a stop string appears with another tokenization. Stop strings and EOS are never sent.
+  (``make_stop_sequences``); a decoded-text check (:class:`base.TokenStep`) also ends the
+  stream when a stop string appears with another tokenization. Stop strings and EOS are never sent.
   ``completion_tokens`` counts every generated token, the final stop token included.
 - Prompt cache: mlx-lm's ``LRUPromptCache`` (a token trie); a follow-up turn that shares a
   prefix with an earlier prompt + completion prefills only the rest (``cached_tokens``).
@@ -21,6 +21,10 @@ Decisions worth knowing:
   there, is handed to the batch mid-stream when a second arrives, and the last one left in the
   batch goes on alone again. Each move undoes one step of lookahead, so the text is the same.
 - Started is sent when the request joins the batch (its prefill starts with the next step).
+- Output: the shared token step (:class:`base.TokenStep`) splits thinking (``Chunk.reasoning``)
+  and tool calls (``Chunk.tool_calls``, parsed by the tokenizer's tool parser) off the text.
+- Grammars (tool_choice required/named, response_format): one llguidance matcher per request,
+  the last of its logits processors (:mod:`grammar`); a hand-over rewinds it with the sampler.
 - Chunks: one per request per decode step; text held back (a partial stop string or an
   incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +49,24 @@ from mlx_supervisor.shared.protocol import (
     Error,
     Generate,
     Memory,
+    RankInfo,
     Started,
 )
-from mlx_supervisor.worker.engines.base import Emit, LoadInfo
-from mlx_supervisor.worker.engines.lm_prompt import prepare
-from mlx_supervisor.worker.engines.lm_sampling import (
-    PENALTY_CONTEXT,
-    Pending,
-    StopText,
-    sampler_for,
-    token_logprob,
+from mlx_supervisor.worker.engines.base import (
+    Emit,
+    LoadInfo,
+    Markup,
+    TokenStep,
+    context_length,
+    mlx_memory,
+    vocab_size,
 )
+from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
+from mlx_supervisor.worker.engines.lm_prompt import prepare
+from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
 from mlx_supervisor.worker.engines.wired import Wired
+from mlx_supervisor.worker.validation import bad_request
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -69,14 +78,13 @@ class _Running:
     prompt_tokens: int
     cached_tokens: int
     detok: Any
-    stop_text: StopText
+    out: TokenStep
     max_tokens: int
     sampler: Any
     processors: list[Any]
     stop_seqs: StopSequences
     completion: int = 0
     here: int = 0  # tokens since it joined the batch or went solo (> 0: past its prefill there)
-    pending: Pending = field(default_factory=Pending)
 
 
 class LMEngine:
@@ -93,6 +101,9 @@ class LMEngine:
         self.gen: BatchGenerator | None = None
         self.key = ""
         self.vocab_size = 0
+        self.model_id = "model"
+        self.ranks: list[RankInfo] = []  # a single process: no ranks
+        self.grammars: Grammars | None = None
         self.running: dict[int, _Running] = {}
         self.by_id: dict[str, int] = {}
         self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
@@ -102,8 +113,9 @@ class LMEngine:
 
     # ---------------------------------------------------------------- load
 
-    def load(self, path: str) -> LoadInfo:
+    def load(self, path: str, model_id: str = "") -> LoadInfo:
         p = Path(path)
+        self.model_id = model_id or p.name
         if not path or not p.is_dir():
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         if not (p / "config.json").is_file():
@@ -111,15 +123,14 @@ class LMEngine:
         loaded: Any = mlx_lm.load(path, return_config=True)
         model, tokenizer, config = loaded
         self.model, self.tokenizer, self.key = model, tokenizer, str(p.resolve())
-        text_cfg = config.get("text_config") or {}
-        self.context_length = int(self.context_length_override
-                                  or config.get("max_position_embeddings")
-                                  or text_cfg.get("max_position_embeddings") or 0)
-        self.vocab_size = int(config.get("vocab_size") or text_cfg.get("vocab_size")
-                              or len(tokenizer))
+        self.context_length = context_length(config, self.context_length_override)
+        self.vocab_size = vocab_size(config, tokenizer)
+        # mlx-lm's wrapper keeps the HF tokenizer, which llguidance reads, as ``_tokenizer``.
+        self.grammars = Grammars(tokenizer, self.vocab_size, tokenizer._tokenizer,
+                                 sorted(tokenizer.eos_token_ids))
         self.wired.hold(model)  # before the generator, which nests its own limit inside
         self._new_generator()
-        return LoadInfo(kind="lm", context_length=self.context_length)
+        return LoadInfo(kind="lm", model_id=self.model_id, context_length=self.context_length)
 
     def _new_generator(self) -> None:
         # The stream of *this* thread: mlx-lm's default generation stream is thread-local.
@@ -152,8 +163,18 @@ class LMEngine:
         n = PENALTY_CONTEXT
         processors = make_logits_processors(req.logit_bias, req.repetition_penalty, n,
                                             req.presence_penalty, n, req.frequency_penalty, n)
-        detok, stop_text = self.tokenizer.detokenizer, StopText(list(stops))
-        st = _Running(req, 0, len(ids), cached, detok, stop_text, max_tokens,
+        assert self.grammars is not None
+        try:
+            constrained = self.grammars.processor(req, ids)
+        except ValueError as e:
+            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
+                             param="response_format"))
+            return
+        if constrained is not None:
+            processors.append(constrained)  # last: nothing may lift its mask
+        start = initial_state(self.tokenizer, ids)
+        out = TokenStep(req, Markup.of(self.tokenizer, req), start)
+        st = _Running(req, 0, len(ids), cached, self.tokenizer.detokenizer, out, max_tokens,
                       sampler_for(req, self.vocab_size), processors, stop_seqs)
         if self.running:
             self._handover()
@@ -207,11 +228,11 @@ class LMEngine:
         if st.here == 0:
             return
         cache, tokens = self.gen.remove([st.uid], return_prompt_caches=True)[st.uid]
-        rest, kept, cached = undo_lookahead(cache, list(tokens), st.sampler)
+        rest, kept, cached = undo_lookahead(cache, list(tokens), st.sampler, st.processors)
         self._go_solo(st, rest, kept, cached, st.max_tokens - st.completion)
         log.info("%s goes on alone after %d tokens", st.req.id, st.completion)
 
-    def cancel(self, request_id: str, emit: Emit) -> None:
+    def cancel(self, request_id: str) -> None:
         uid = self.by_id.pop(request_id, None)
         if uid is not None:
             self.running.pop(uid, None)
@@ -292,21 +313,18 @@ class LMEngine:
         st.completion += 1
         st.here += 1
         finish = r.finish_reason
+        logprob = None
         if finish == "stop":  # the stop token itself (EOS or a stop word's last) is not text
             st.detok.finalize()
         else:
             st.detok.add_token(r.token)
             if finish == "length":
                 st.detok.finalize()
-            st.pending.add(logprob=token_logprob(self.tokenizer, r.logprobs, r.token,
-                                                 st.req.top_logprobs) if st.req.logprobs else None)
-        out = st.stop_text.feed(st.detok.last_segment)
-        if st.stop_text.stopped:
-            finish = "stop"
-        elif finish == "length" or (finish == "stop" and r.token in self.tokenizer.eos_token_ids):
-            out += st.stop_text.flush()  # a held-back partial stop string was real text
-        st.pending.flush(st.req.id, out, bool(finish), emit)
-        return str(finish) if finish else None
+            if st.req.logprobs:
+                logprob = token_logprob(self.tokenizer, r.logprobs, r.token, st.req.top_logprobs)
+        eos = finish == "stop" and r.token in self.tokenizer.eos_token_ids
+        return st.out.take(st.detok.last_segment, emit, tokens=0 if finish == "stop" else 1,
+                           logprob=logprob, finish=finish, flush=finish == "length" or eos)
 
     def _maybe_idle(self) -> None:
         if not self.running:
@@ -315,8 +333,7 @@ class LMEngine:
     # ---------------------------------------------------------------- housekeeping
 
     def memory(self) -> Memory:
-        return Memory(active=mx.get_active_memory(), cache=mx.get_cache_memory(),
-                      peak=mx.get_peak_memory())
+        return mlx_memory()
 
     def close(self) -> None:
         if self.gen is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_supervisor.shared.protocol import Embed, Error, Generate
+from mlx_supervisor.worker.engines.grammar import check_tools
 from mlx_supervisor.worker.validation import (
     bad_request,
     check_generate,
@@ -25,8 +26,11 @@ def tokenize(tokenizer: Any, req: Generate) -> list[int]:
         return list(tokenizer.encode(req.prompt))
     messages = [{**m, "content": m.get("content") or ""} for m in req.messages or []]
     if tokenizer.has_chat_template:
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools and req.tool_choice != "none":  # "none": the model is not shown them
+            kwargs["tools"] = req.tools
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=True))
+                                                  tokenize=True, **kwargs))
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return list(tokenizer.encode(text))
 
@@ -43,6 +47,8 @@ def prepare(req: Generate | Embed, tokenizer: Any, vocab_size: int,
     err = check_generate(req)
     if err is None and req.images:
         err = bad_request(req.id, "this model does not take images", param="messages")
+    if err is None:
+        err = check_tools(req, tokenizer)
     if err is None and req.logit_bias and any(not 0 <= t < vocab_size for t in req.logit_bias):
         err = bad_request(req.id, f"logit_bias token ids must be in [0, {vocab_size})",
                           param="logit_bias")

@@ -5,10 +5,10 @@
   seeded requests get their own key stream (``mx.random.key(seed)`` split once per token) with
   the same top-k/top-p/min-p filters, so they can join the batch and still reproduce exactly,
   independently of what else runs.
-- :class:`StopText`: the decoded-text stop check. Token-level stop sequences end most stops;
-  this also ends the stream when a stop string shows up in the text with another tokenization,
-  and it holds back text that might be the start of a stop string, so a stop string is never
-  sent.
+- :func:`token_logprob`: a token's logprob and its top alternatives, as text.
+
+The decoded-text stop check (and the thinking / tool-call split) is the engines' shared token
+step, :class:`base.TokenStep`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import TextStateMachine
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
-from mlx_supervisor.shared.protocol import Chunk, Generate, TokenLogprob
+from mlx_supervisor.shared.protocol import Generate, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -89,56 +88,3 @@ def token_logprob(tokenizer: Any, logprobs: mx.array, token: int, top_n: int) ->
         top = [(tokenizer.decode([i]), float(lp)) for i, lp in zip(ids, lps, strict=True)]
     chosen: Any = logprobs[token].item()
     return TokenLogprob(token=tokenizer.decode([token]), logprob=float(chosen), top=top)
-
-
-class StopText:
-    """Streamed text with stop strings removed; ``stopped`` once one has been seen.
-
-    A thin wrapper over mlx-lm's ``TextStateMachine`` where each stop string is a transition to
-    the terminal state (``None``), so the machine reports the match and drops what follows.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        words = [w for w in stops if w]
-        self._sm = TextStateMachine({"normal": [(w, None) for w in words]}) if words else None
-        self._state = self._sm.make_state("normal") if self._sm else None
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """Text safe to send now; sets ``stopped`` when a stop string completed."""
-        if self._sm is None or self.stopped:
-            return "" if self.stopped else text
-        self._state, segments = TextStateMachine.split(self._state, text)
-        if segments and segments[-1][0] is None:
-            self.stopped = True
-        return "".join(t for _, t in segments)
-
-    def flush(self) -> str:
-        """The held-back tail, for an end that is not a stop string (EOS, length)."""
-        if self._sm is None or self.stopped:
-            return ""
-        self._state, buf, _ = TextStateMachine.flush(self._state)
-        return str(buf)
-
-
-class Pending:
-    """Tokens decoded since a request's last Chunk. Text can be held back (a partial stop string)
-    while tokens keep counting, so a Chunk goes out when there is text, or at the end to carry
-    the count; shared by the lm, vlm and sharded engines."""
-
-    __slots__ = ("logprobs", "tokens")
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.logprobs: list[TokenLogprob] = []
-
-    def add(self, n: int = 1, logprob: TokenLogprob | None = None) -> None:
-        self.tokens += n
-        if logprob is not None:
-            self.logprobs.append(logprob)
-
-    def flush(self, req_id: str, text: str, finished: bool, emit: Callable[[Chunk], None]) -> None:
-        if text or (finished and self.tokens):
-            emit(Chunk(id=req_id, text=text, tokens=self.tokens, logprobs=self.logprobs or None))
-            self.tokens = 0
-            self.logprobs = []

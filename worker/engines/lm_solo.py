@@ -93,7 +93,7 @@ class Solo:
         if self.steps is None:  # still prefilling: nothing generated, nothing to undo
             return self.rest, self.cache, self.fed, self.max_tokens
         cache, tokens = self.end()
-        rest, kept, cached = undo_lookahead(cache, tokens, self.sampler)
+        rest, kept, cached = undo_lookahead(cache, tokens, self.sampler, self.processors)
         return rest, kept, cached, self.max_tokens - len(self.generated)
 
     def _processors(self) -> list[Any]:
@@ -109,14 +109,18 @@ class Solo:
         return [with_prefix(p) for p in self.processors]
 
 
-def undo_lookahead(cache: Any, tokens: list[int], sampler: Any) -> tuple[list[int], Any, list[int]]:
+def undo_lookahead(cache: Any, tokens: list[int], sampler: Any,
+                   processors: list[Any]) -> tuple[list[int], Any, list[int]]:
     """A decoder stopped one step ahead (``generate_step`` and ``GenerationBatch`` both feed
     the last token and draw the next before handing the last one out): take that step back so
     whoever continues recomputes it exactly. ``tokens`` are those in ``cache``, the last one
-    handed out included; returns what :func:`refeed_last` returns."""
-    rewind = getattr(sampler, "rewind", None)
-    if rewind is not None:
-        rewind()  # the discarded draw must be drawn again
+    handed out included; returns what :func:`refeed_last` returns. A seeded sampler redraws the
+    discarded token; a grammar (:class:`grammar.GrammarProcessor`) must not consume the refed
+    last token a second time."""
+    for part in (sampler, *processors):
+        rewind = getattr(part, "rewind", None)
+        if rewind is not None:
+            rewind()  # the discarded draw must be drawn again
     return refeed_last(cache, tokens)
 
 

@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,19 @@ from mlx_supervisor.shared.protocol import (
     decode_to_worker,
     encode,
 )
-from mlx_supervisor.worker.engines.base import Emit, LoadInfo
+from mlx_supervisor.worker.engines.base import (
+    Emit,
+    LoadInfo,
+    Markup,
+    TokenStep,
+    context_length,
+    vocab_size,
+)
+from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_prompt import prepare
-from mlx_supervisor.worker.engines.lm_sampling import Pending, StopText, sampler_for, token_logprob
+from mlx_supervisor.worker.engines.lm_sampling import sampler_for, token_logprob
 from mlx_supervisor.worker.sharding import ShardSpec, env_rank
+from mlx_supervisor.worker.validation import bad_request
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -153,19 +162,22 @@ class Channel:
         return code, payload
 
 
-def start_generation(model: Any, tokenizer: Any, job: Generate, vocab_size: int) -> Any:
+def grammars_for(tokenizer: Any, vocab: int) -> Grammars:
+    return Grammars(tokenizer, vocab, tokenizer._tokenizer, sorted(tokenizer.eos_token_ids))
+
+
+def start_generation(model: Any, tokenizer: Any, job: Generate, grammars: Grammars) -> Any:
     """The generator every rank steps in lockstep. ``job.seed`` is always set, so every rank
-    draws the same tokens."""
+    draws the same tokens; a grammar is deterministic too, so every rank masks alike."""
     processors = make_logits_processors(job.logit_bias, job.repetition_penalty, 20,
                                         job.presence_penalty, 20, job.frequency_penalty, 20)
-    return stream_generate(model, tokenizer, list(job.prompt_ids or []),
-                           max_tokens=job.max_tokens, sampler=sampler_for(job, vocab_size),
+    ids = list(job.prompt_ids or [])
+    constrained = grammars.processor(job, ids)
+    if constrained is not None:
+        processors.append(constrained)
+    return stream_generate(model, tokenizer, ids, max_tokens=job.max_tokens,
+                           sampler=sampler_for(job, grammars.vocab_size),
                            logits_processors=processors)
-
-
-def _vocab(config: dict[str, Any], tokenizer: Any) -> int:
-    text_cfg = config.get("text_config") or {}
-    return int(config.get("vocab_size") or text_cfg.get("vocab_size") or len(tokenizer))
 
 
 @dataclass
@@ -173,9 +185,8 @@ class _Current:
     req: Generate
     it: Any
     prompt_tokens: int
-    stop_text: StopText
+    out: TokenStep
     cancelled: bool = False
-    pending: Pending = field(default_factory=Pending)
 
 
 class ShardedEngine:
@@ -188,7 +199,8 @@ class ShardedEngine:
         self.tokenizer: Any = None
         self.vocab_size = 0
         self.chan: Channel | None = None
-        self.queue: collections.deque[Generate] = collections.deque()
+        self.queue: collections.deque[tuple[Generate, TokenStep]] = collections.deque()
+        self.grammars: Grammars | None = None
         self.cur: _Current | None = None
         self.peers: list[tuple[int, int]] = []
         self.ranks: list[RankInfo] = []
@@ -196,17 +208,17 @@ class ShardedEngine:
 
     # ---------------------------------------------------------------- load
 
-    def load(self, path: str) -> LoadInfo:
+    def load(self, path: str, model_id: str = "") -> LoadInfo:
         group = form_group(self.spec)
         self.model, self.tokenizer, config = load_shard(path, self.spec, group)
         self.peers = gather_ranks(group)
         self.chan = Channel(group)
-        text_cfg = config.get("text_config") or {}
-        self.context_length = int(self.context_length or config.get("max_position_embeddings")
-                                  or text_cfg.get("max_position_embeddings") or 0)
-        self.vocab_size = _vocab(config, self.tokenizer)
+        self.context_length = context_length(config, self.context_length)
+        self.vocab_size = vocab_size(config, self.tokenizer)
+        self.grammars = grammars_for(self.tokenizer, self.vocab_size)
         self.memory()
-        return LoadInfo(kind="lm", context_length=self.context_length)
+        return LoadInfo(kind="lm", model_id=model_id or Path(path).name,
+                        context_length=self.context_length, ranks=self.ranks)
 
     # ---------------------------------------------------------------- requests
 
@@ -218,16 +230,24 @@ class ShardedEngine:
         assert isinstance(req, Generate)
         ids, max_tokens = ready
 
+        assert self.grammars is not None
+        try:  # a grammar that does not compile is refused here, before any rank runs it
+            self.grammars.processor(req, ids)
+        except ValueError as e:
+            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
+                             param="response_format"))
+            return
+        out = TokenStep(req, Markup.of(self.tokenizer, req), initial_state(self.tokenizer, ids))
         # What every rank needs to run the same generation: ids, limits and a seed.
         seed = req.seed if req.seed is not None else random.getrandbits(63)
-        self.queue.append(msgspec.structs.replace(
+        self.queue.append((msgspec.structs.replace(
             req, messages=None, prompt=None, prompt_ids=ids, images=[], seed=seed,
-            max_tokens=max_tokens))
+            max_tokens=max_tokens), out))
 
-    def cancel(self, request_id: str, emit: Emit) -> None:
-        for job in list(self.queue):
-            if job.id == request_id:
-                self.queue.remove(job)
+    def cancel(self, request_id: str) -> None:
+        for queued in list(self.queue):
+            if queued[0].id == request_id:
+                self.queue.remove(queued)
         if self.cur is not None and self.cur.req.id == request_id:
             self.cur.cancelled = True
 
@@ -251,10 +271,11 @@ class ShardedEngine:
     def _step(self, emit: Emit) -> None:
         assert self.chan is not None
         if self.cur is None:
-            job = self.queue.popleft()
+            job, out = self.queue.popleft()
             self.chan.send(JOB, encode(job))
-            it = start_generation(self.model, self.tokenizer, job, self.vocab_size)
-            self.cur = _Current(job, it, len(job.prompt_ids or []), StopText(list(job.stop)))
+            assert self.grammars is not None
+            it = start_generation(self.model, self.tokenizer, job, self.grammars)
+            self.cur = _Current(job, it, len(job.prompt_ids or []), out)
             log.info("%s started prompt=%d max_tokens=%d", job.id, self.cur.prompt_tokens,
                      job.max_tokens)
             emit(Started(id=job.id, prompt_tokens=self.cur.prompt_tokens))
@@ -264,19 +285,14 @@ class ShardedEngine:
             return
         self.chan.send(STEP)
         r = next(cur.it)
-        finish = r.finish_reason
-        eos = finish == "stop"
-        if not eos:
-            cur.pending.add(logprob=token_logprob(self.tokenizer, r.logprobs, r.token,
-                                                  cur.req.top_logprobs) if cur.req.logprobs else None)
-        out = cur.stop_text.feed(r.text)
-        if cur.stop_text.stopped:
-            if finish is None:
-                self._drop(cur)  # the other ranks are still mid-generation
-            finish = "stop"
-        elif finish is not None:
-            out += cur.stop_text.flush()
-        cur.pending.flush(cur.req.id, out, finish is not None, emit)
+        eos = r.finish_reason == "stop"
+        logprob = None
+        if not eos and cur.req.logprobs:
+            logprob = token_logprob(self.tokenizer, r.logprobs, r.token, cur.req.top_logprobs)
+        finish = cur.out.take(r.text, emit, tokens=0 if eos else 1, logprob=logprob,
+                              finish=r.finish_reason, flush=r.finish_reason is not None)
+        if finish is not None and r.finish_reason is None:
+            self._drop(cur)  # a stop string: the other ranks are still mid-generation
         if finish is not None:
             cur.it.close()
             self.cur = None
@@ -293,7 +309,7 @@ class ShardedEngine:
 
     def _fail_all(self, emit: Emit, why: str) -> None:
         jobs = ([self.cur.req] if self.cur is not None and not self.cur.cancelled else []) \
-            + list(self.queue)
+            + [job for job, _ in self.queue]
         self.cur = None
         self.queue.clear()
         for job in jobs:
@@ -354,7 +370,7 @@ def follower_main(path: str, spec: ShardSpec) -> int:
         return _exit(EXIT_LOAD_FAILED)
     log.info("rank %d: loaded; following rank 0", rank)
     chan = Channel(group)
-    vocab = _vocab(config, tokenizer)
+    grammars = grammars_for(tokenizer, vocab_size(config, tokenizer))
     it: Any = None
     try:
         while True:
@@ -366,7 +382,7 @@ def follower_main(path: str, spec: ShardSpec) -> int:
                 job = decode_to_worker(payload)
                 if not isinstance(job, Generate):
                     raise GroupLost(f"expected a Generate, got {type(job).__name__}")
-                it = start_generation(model, tokenizer, job, vocab)
+                it = start_generation(model, tokenizer, job, grammars)
             elif code == STOP:
                 if it is not None:
                     it.close()

@@ -22,7 +22,7 @@ How a ``Generate`` is used:
 - Context: the text model's ``max_position_embeddings``; longer prompts are a 400
   ``context_length_exceeded`` and ``max_tokens`` is clamped to what fits, as in the lm engine.
 - Stops: EOS (mlx-vlm's stopping criteria) ends with "stop"; stop strings are matched on the
-  decoded text (:class:`StopText`, shared with the lm engine) and never sent. mlx-vlm has no
+  decoded text (the shared :class:`base.TokenStep`) and never sent. mlx-vlm has no
   token-level stop strings. ``completion_tokens`` counts every generated token, EOS included.
 """
 
@@ -33,7 +33,7 @@ import io
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,12 @@ from mlx_supervisor.shared.protocol import (
     Error,
     Generate,
     Memory,
+    RankInfo,
     Started,
 )
-from mlx_supervisor.worker.engines.base import Emit, LoadInfo
-from mlx_supervisor.worker.engines.lm_sampling import Pending, StopText, token_logprob
+from mlx_supervisor.worker.engines.base import Emit, LoadInfo, TokenStep, mlx_memory
+from mlx_supervisor.worker.engines.grammar import Grammars
+from mlx_supervisor.worker.engines.lm_sampling import token_logprob
 from mlx_supervisor.worker.validation import (
     bad_request,
     check_generate,
@@ -74,9 +76,8 @@ class _Running:
     req: Generate
     gen: Iterator[Any]
     prompt_tokens: int
-    stop_text: StopText
+    out: TokenStep
     completion: int = 0
-    pending: Pending = field(default_factory=Pending)
 
 
 class VLMEngine:
@@ -84,6 +85,7 @@ class VLMEngine:
 
     def __init__(self) -> None:
         self.model_id = "model"
+        self.ranks: list[RankInfo] = []  # a single process: no ranks
         """Named in error messages; the worker may set it, ``load`` defaults it to the dir name."""
         self.model: Any = None
         self.processor: Any = None
@@ -91,10 +93,11 @@ class VLMEngine:
         self.vocab_size = 0
         self.queue: deque[_Queued] = deque()
         self.running: _Running | None = None
+        self.grammars: Grammars | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
-    def load(self, path: str) -> LoadInfo:
+    def load(self, path: str, model_id: str = "") -> LoadInfo:
         from mlx_vlm import load
         from transformers.utils import logging as hf_logging
 
@@ -103,13 +106,14 @@ class VLMEngine:
         hf_logging.set_verbosity_error()
         if not path or not Path(path, "config.json").is_file():  # else mlx-vlm tries the Hub
             raise FileNotFoundError(f"no config.json in model directory {path!r}")
-        if self.model_id == "model":
-            self.model_id = Path(path).name
+        self.model_id = model_id or Path(path).name
         self.model, self.processor = load(path)
         text = getattr(self.model.config, "text_config", None) or self.model.config
         self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
         self.vocab_size = int(getattr(text, "vocab_size", 0) or len(self._tokenizer))
-        return LoadInfo(kind="vlm", context_length=self.context_length)
+        tok = self._tokenizer
+        self.grammars = Grammars(tok, self.vocab_size, tok, [tok.eos_token_id])
+        return LoadInfo(kind="vlm", model_id=self.model_id, context_length=self.context_length)
 
     @property
     def _tokenizer(self) -> Any:
@@ -124,8 +128,7 @@ class VLMEngine:
         mx.clear_cache()
 
     def memory(self) -> Memory:
-        return Memory(active=mx.get_active_memory(), cache=mx.get_cache_memory(),
-                      peak=mx.get_peak_memory())
+        return mlx_memory()
 
     # ---------------------------------------------------------------- requests
 
@@ -182,7 +185,7 @@ class VLMEngine:
                                f"{len(req.images)} images came with them", param="messages")
         return None
 
-    def cancel(self, request_id: str, emit: Emit) -> None:
+    def cancel(self, request_id: str) -> None:
         if self.running is not None and self.running.req.id == request_id:
             self._finish_generator()
         self.queue = deque(q for q in self.queue if q.req.id != request_id)
@@ -252,6 +255,13 @@ class VLMEngine:
         if err is not None:
             emit(err)
             return False
+        assert self.grammars is not None
+        try:  # response_format: the same llguidance processor as the lm engine's
+            constrained = self.grammars.processor(req, [])
+        except ValueError as e:
+            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
+                             param="response_format"))
+            return False
         if req.seed is not None:
             mx.random.seed(req.seed & 0xFFFFFFFFFFFFFFFF)  # for samplers mlx-vlm does not key by seed
         gen = stream_generate(
@@ -262,8 +272,9 @@ class VLMEngine:
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias,
-            seed=req.seed, **inputs)  # the rest (image_grid_thw, ...) goes to the model
-        self.running = _Running(req, gen, n_prompt, StopText([s for s in req.stop if s]))
+            seed=req.seed, logits_processors=[constrained] if constrained else None,
+            **inputs)  # the rest (image_grid_thw, ...) goes to the model
+        self.running = _Running(req, gen, n_prompt, TokenStep(req))
         log.info("%s started prompt=%d images=%d", req.id, n_prompt, len(q.images))
         emit(Started(id=req.id, prompt_tokens=n_prompt))
         return True
@@ -277,17 +288,14 @@ class VLMEngine:
         new = max(0, int(r.generation_tokens) - st.completion)
         st.completion += new
         finish = r.finish_reason
-        if new and finish != "stop" and r.token is not None:
-            st.pending.add(new, token_logprob(self._tokenizer, r.logprobs, int(r.token),
-                                              st.req.top_logprobs)
-                           if st.req.logprobs and r.logprobs is not None else None)
-        out = st.stop_text.feed(r.text or "")
-        if st.stop_text.stopped:
-            finish = "stop"
-        elif finish is not None:
-            out += st.stop_text.flush()  # a held-back partial stop string was real text
-        st.pending.flush(st.req.id, out, finish is not None, emit)
-        return str(finish) if finish else None
+        text_token = bool(new) and finish != "stop" and r.token is not None
+        logprob = None
+        if text_token and st.req.logprobs and r.logprobs is not None:
+            logprob = token_logprob(self._tokenizer, r.logprobs, int(r.token), st.req.top_logprobs)
+        # Any end but a stop string makes a held-back partial stop string real text.
+        return st.out.take(r.text or "", emit, tokens=new if text_token else 0, logprob=logprob,
+                           finish=None if finish is None else str(finish),
+                           flush=finish is not None)
 
     def _finish_generator(self) -> None:
         """Close the running generator (mlx-vlm's cleanup runs) and forget it."""

@@ -1,0 +1,163 @@
+"""Constrained decoding in the worker: one llguidance matcher per request, as a logits processor.
+
+The grammar itself comes from :mod:`shared.grammar` (the gateway already compiled every schema
+in it). Here it meets the model's tokenizer, and the matcher follows the sequence:
+
+- it is an mlx-lm logits processor, so it rides with its request through ``BatchGenerator``,
+  the solo ``generate_step`` path and every hand-over between them. Both loops call processors
+  once per position, the first time after the prompt (nothing to consume yet) and then with the
+  token sampled last at ``tokens[-1]``, which the matcher consumes before it masks;
+- a hand-over undoes one step of lookahead (:func:`lm_solo.undo_lookahead`): the token handed
+  out last is fed again on the other side, so :meth:`GrammarProcessor.rewind` makes the next
+  call a first call again (the matcher has already consumed that token). The draw that was
+  thrown away was never consumed, so the matcher needs no rollback;
+- a prompt that ends inside thinking (the template opened ``<think>``) is not masked until the
+  tokenizer's think-end marker has been generated: the grammar applies to the answer only;
+- the mask is llguidance's bitmask. On Metal it is applied with ``llguidance.mlx``'s kernel;
+  elsewhere (CPU, CUDA: ``mx.fast.metal_kernel`` has no back-end there) with ``mx.where``;
+- once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_supervisor.shared import grammar
+from mlx_supervisor.shared.protocol import Error, Generate
+from mlx_supervisor.worker.validation import bad_request
+
+log = logging.getLogger("mlx_supervisor.worker")
+
+JSON_TOOLS = "mlx_lm.tool_parsers.json_tools"
+_METAL = mx.metal.is_available()
+
+
+def _term(tokenizer: Any, text: str) -> str:
+    """A Lark term for a markup string: the token itself when it is one token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text)
+
+
+def call_terms(tokenizer: Any) -> tuple[str, str] | None:
+    """Lark terms around one tool call, for the formats a grammar can force (JSON bodies)."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    if getattr(parser, "__module__", None) != JSON_TOOLS or not tokenizer.tool_call_end:
+        return None
+    return _term(tokenizer, tokenizer.tool_call_start), _term(tokenizer, tokenizer.tool_call_end)
+
+
+def check_tools(req: Generate, tokenizer: Any) -> Error | None:
+    """What only the model can answer: can it call tools, can its calls be forced."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if not tokenizer.has_tool_calling or not tokenizer.has_chat_template:
+        return bad_request(req.id, "this model has no tool-call parser (its tokenizer config "
+                           "names none and none could be inferred from its chat template), so "
+                           "it cannot take tools", code="tools_not_supported", param="tools")
+    enforced = req.tool_choice in ("required", "function") or req.json_format is not None
+    if enforced and call_terms(tokenizer) is None:
+        return bad_request(req.id, "this model's tool-call format cannot be enforced (only JSON "
+                           "tool calls, as in json_tools, can); use tool_choice 'auto'",
+                           code="tools_not_supported", param="tool_choice")
+    return None
+
+
+def initial_state(tokenizer: Any, ids: list[int]) -> str:
+    """``reasoning`` when the prompt ends inside thinking, else ``normal`` (as mlx-lm's server)."""
+    if not getattr(tokenizer, "has_thinking", False):
+        return "normal"
+    if tokenizer.rfind_think_start(ids) > tokenizer.rfind_think_end(ids):
+        return "reasoning"
+    return "normal"
+
+
+class Grammars:
+    """An engine's grammar factory; llguidance's tokenizer is built on first use (it is costly).
+    ``tokenizer`` is mlx-lm's wrapper (markup, thinking) or a bare HF one (vlm); ``hf`` is the
+    Hugging Face fast tokenizer inside it, which llguidance reads."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, hf: Any, eos: list[int]) -> None:
+        self.tokenizer, self.hf, self.eos = tokenizer, hf, eos
+        self.vocab_size = vocab_size
+        self._llg: Any = None
+
+    def processor(self, req: Generate, ids: list[int]) -> GrammarProcessor | None:
+        """The request's processor, or None if nothing is enforced; ValueError if the grammar
+        does not compile for this tokenizer."""
+        terms = call_terms(self.tokenizer) if req.tools else None
+        lark = grammar.lark(req, *(terms or (None, None)))
+        if lark is None:
+            return None
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self._tokenizer(), LLMatcher.grammar_from_lark(lark), log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        think_end = None
+        if initial_state(self.tokenizer, ids) == "reasoning":
+            think_end = tuple(self.tokenizer.think_end_tokens)
+        return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end)
+
+    def _tokenizer(self) -> Any:
+        if self._llg is None:
+            import llguidance.hf
+
+            n_vocab = max(self.vocab_size, len(self.hf))
+            self._llg = llguidance.hf.from_tokenizer(self.hf, n_vocab=n_vocab, eos_token=self.eos)
+        return self._llg
+
+
+class GrammarProcessor:
+    """One request's matcher as a logits processor ``(tokens, logits) -> logits``."""
+
+    def __init__(self, matcher: Any, vocab_size: int, eos: list[int],
+                 think_end: tuple[int, ...] | None) -> None:
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.eos_only = np.zeros(vocab_size, dtype=bool)
+        self.eos_only[[e for e in eos if e < vocab_size]] = True
+        self.think_end = think_end  # None: the grammar applies now
+        self.recent: list[int] = []
+        self.fresh = True
+
+    def rewind(self) -> None:
+        """The last token handed out will be fed again: don't consume it twice."""
+        self.fresh = True
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if not self.fresh:
+            last: Any = tokens[-1].item()
+            self._consume(int(last))
+        self.fresh = False
+        if self.think_end is not None:
+            return logits
+        return self._apply(logits)
+
+    def _consume(self, token: int) -> None:
+        if self.think_end is not None:
+            self.recent = (self.recent + [token])[-len(self.think_end):]
+            if tuple(self.recent) == self.think_end:
+                self.think_end = None
+            return
+        m = self.matcher
+        if not m.is_stopped() and not m.is_error() and not m.consume_token(token):
+            log.warning("grammar refused token %d: %s", token, m.get_error())
+
+    def _apply(self, logits: mx.array) -> mx.array:
+        m = self.matcher
+        n = logits.shape[-1]
+        if m.is_stopped() or m.is_error():
+            allowed = self.eos_only[:n]
+        else:
+            words = np.frombuffer(m.compute_bitmask(), dtype=np.int32)
+            if _METAL:
+                from llguidance.mlx import apply_token_bitmask
+
+                return apply_token_bitmask(logits, words[None]).reshape(logits.shape)
+            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
+        return mx.where(mx.array(allowed), logits, -mx.inf)
