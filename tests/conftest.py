@@ -42,6 +42,22 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_model.build(tmp_path_factory.mktemp("demo-model") / "tiny-llama", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tools_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama with Qwen-style tool markup (mlx-lm infers json_tools and thinking), whose
+    answer starts outside thinking; see worker/demo/tools.py."""
+    from mlx_supervisor.worker.demo import tools as demo_tools
+    return demo_tools.build(tmp_path_factory.mktemp("tools-model") / "tiny-tools", seed=0)
+
+
+@pytest.fixture(scope="session")
+def thinking_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``tools_model_dir``, but its generation prompt opens ``<think>`` (DeepSeek-R1 style)."""
+    from mlx_supervisor.worker.demo import tools as demo_tools
+    return demo_tools.build(tmp_path_factory.mktemp("thinking-model") / "tiny-r1", seed=0,
+                            think_in_prompt=True)
+
+
 class WorkerHandle:
     """One real ``python -m mlx_supervisor.worker`` process talking to a test-owned ROUTER.
 

@@ -123,18 +123,40 @@ def chat_logprobs(lps: list[p.TokenLogprob]) -> list[dict[str, Any]]:
             for lp in lps]
 
 
+def tool_call_out(c: p.ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def chunk_deltas(msg: p.Chunk, calls_before: int) -> list[dict[str, Any]]:
+    """One worker Chunk as OpenAI stream deltas: ``reasoning_content``, ``content``, then each
+    tool call as OpenAI streams one (index, id, type and name first; then its arguments)."""
+    out: list[dict[str, Any]] = []
+    if msg.reasoning:
+        out.append({"reasoning_content": msg.reasoning})
+    if msg.text or not (msg.reasoning or msg.tool_calls):
+        out.append({"content": msg.text})
+    for k, c in enumerate(msg.tool_calls, calls_before):
+        out.append({"tool_calls": [{"index": k, "id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": k, "function": {"arguments": c.arguments}}]})
+    return out
+
+
 async def chat_choices(run: Run, logprobs: bool = False) -> AsyncIterator[dict[str, Any]]:
     """The run's answer as OpenAI ``chat.completion.chunk`` choices, the last one carrying the
-    ``finish_reason``. A worker error is yielded as OpenAI's error body and ends the stream."""
-    first = True
+    ``finish_reason`` ("tool_calls" after calls). A worker error is yielded as OpenAI's error
+    body and ends the stream."""
+    first, calls = True, 0
     async for msg in run.messages():
         if isinstance(msg, p.Chunk):
-            delta: dict[str, Any] = {"content": msg.text}
-            if first:
-                delta["role"] = "assistant"
-                first = False
             lp = {"content": chat_logprobs(msg.logprobs)} if logprobs and msg.logprobs else None
-            yield {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}
+            for delta in chunk_deltas(msg, calls):
+                if first:
+                    delta = {"role": "assistant", "content": None, **delta}
+                    first = False
+                yield {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}
+                lp = None
+            calls += len(msg.tool_calls)
         elif isinstance(msg, p.Done):
             yield {"index": 0, "delta": {"role": "assistant", "content": ""} if first else {},
                    "logprobs": None, "finish_reason": msg.finish_reason}
@@ -145,18 +167,28 @@ async def chat_choices(run: Run, logprobs: bool = False) -> AsyncIterator[dict[s
 async def chat_body(run: Run, model: str, logprobs: bool = False) -> dict[str, Any]:
     """The run's whole answer as one OpenAI ``chat.completion``; a worker error raises."""
     parts: list[str] = []
+    thinking: list[str] = []
+    calls: list[p.ToolCall] = []
     lps: list[p.TokenLogprob] = []
     finish = "stop"
     async for msg in run.messages():
         if isinstance(msg, p.Chunk):
             parts.append(msg.text)
+            thinking.append(msg.reasoning)
+            calls.extend(msg.tool_calls)
             if msg.logprobs:
                 lps.extend(msg.logprobs)
         elif isinstance(msg, p.Done):
             finish = msg.finish_reason
         elif isinstance(msg, p.Error):
             raise APIError(msg.status, msg.message, code=msg.code, param=msg.param)
-    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+    text = "".join(parts)
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if any(thinking):
+        message["reasoning_content"] = "".join(thinking)
+    if calls:
+        message["tool_calls"] = [tool_call_out(c) for c in calls]
+    choice: dict[str, Any] = {"index": 0, "message": message,
                               "logprobs": {"content": chat_logprobs(lps)} if logprobs else None,
                               "finish_reason": finish}
     return {"id": "chatcmpl-" + run.msg.id, "object": "chat.completion", "created": int(time.time()),

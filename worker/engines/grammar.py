@@ -86,6 +86,11 @@ class Grammars:
         self.vocab_size = vocab_size
         self._llg: Any = None
 
+    @classmethod
+    def of_lm(cls, tokenizer: Any, vocab_size: int) -> Grammars:
+        """For mlx-lm's wrapper, which keeps the HF tokenizer as ``_tokenizer``."""
+        return cls(tokenizer, vocab_size, tokenizer._tokenizer, sorted(tokenizer.eos_token_ids))
+
     def processor(self, req: Generate, ids: list[int]) -> GrammarProcessor | None:
         """The request's processor, or None if nothing is enforced; ValueError if the grammar
         does not compile for this tokenizer."""
@@ -102,6 +107,14 @@ class Grammars:
         if initial_state(self.tokenizer, ids) == "reasoning":
             think_end = tuple(self.tokenizer.think_end_tokens)
         return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end)
+
+    def build(self, req: Generate, ids: list[int]) -> GrammarProcessor | Error | None:
+        """:meth:`processor`, with a grammar that does not compile as the 400 to answer."""
+        try:
+            return self.processor(req, ids)
+        except ValueError as e:
+            return bad_request(req.id, f"the grammar does not compile for this model: {e}",
+                               param="response_format")
 
     def _tokenizer(self) -> Any:
         if self._llg is None:

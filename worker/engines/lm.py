@@ -66,7 +66,6 @@ from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
 from mlx_supervisor.worker.engines.wired import Wired
-from mlx_supervisor.worker.validation import bad_request
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -125,9 +124,7 @@ class LMEngine:
         self.model, self.tokenizer, self.key = model, tokenizer, str(p.resolve())
         self.context_length = context_length(config, self.context_length_override)
         self.vocab_size = vocab_size(config, tokenizer)
-        # mlx-lm's wrapper keeps the HF tokenizer, which llguidance reads, as ``_tokenizer``.
-        self.grammars = Grammars(tokenizer, self.vocab_size, tokenizer._tokenizer,
-                                 sorted(tokenizer.eos_token_ids))
+        self.grammars = Grammars.of_lm(tokenizer, self.vocab_size)
         self.wired.hold(model)  # before the generator, which nests its own limit inside
         self._new_generator()
         return LoadInfo(kind="lm", model_id=self.model_id, context_length=self.context_length)
@@ -164,11 +161,9 @@ class LMEngine:
         processors = make_logits_processors(req.logit_bias, req.repetition_penalty, n,
                                             req.presence_penalty, n, req.frequency_penalty, n)
         assert self.grammars is not None
-        try:
-            constrained = self.grammars.processor(req, ids)
-        except ValueError as e:
-            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
-                             param="response_format"))
+        constrained = self.grammars.build(req, ids)
+        if isinstance(constrained, Error):
+            emit(constrained)
             return
         if constrained is not None:
             processors.append(constrained)  # last: nothing may lift its mask

@@ -71,7 +71,6 @@ from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import sampler_for, token_logprob
 from mlx_supervisor.worker.sharding import ShardSpec, env_rank
-from mlx_supervisor.worker.validation import bad_request
 
 log = logging.getLogger("mlx_supervisor.worker")
 
@@ -162,10 +161,6 @@ class Channel:
         return code, payload
 
 
-def grammars_for(tokenizer: Any, vocab: int) -> Grammars:
-    return Grammars(tokenizer, vocab, tokenizer._tokenizer, sorted(tokenizer.eos_token_ids))
-
-
 def start_generation(model: Any, tokenizer: Any, job: Generate, grammars: Grammars) -> Any:
     """The generator every rank steps in lockstep. ``job.seed`` is always set, so every rank
     draws the same tokens; a grammar is deterministic too, so every rank masks alike."""
@@ -215,7 +210,7 @@ class ShardedEngine:
         self.chan = Channel(group)
         self.context_length = context_length(config, self.context_length)
         self.vocab_size = vocab_size(config, self.tokenizer)
-        self.grammars = grammars_for(self.tokenizer, self.vocab_size)
+        self.grammars = Grammars.of_lm(self.tokenizer, self.vocab_size)
         self.memory()
         return LoadInfo(kind="lm", model_id=model_id or Path(path).name,
                         context_length=self.context_length, ranks=self.ranks)
@@ -231,11 +226,9 @@ class ShardedEngine:
         ids, max_tokens = ready
 
         assert self.grammars is not None
-        try:  # a grammar that does not compile is refused here, before any rank runs it
-            self.grammars.processor(req, ids)
-        except ValueError as e:
-            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
-                             param="response_format"))
+        err = self.grammars.build(req, ids)  # refused here, before any rank runs it
+        if isinstance(err, Error):
+            emit(err)
             return
         out = TokenStep(req, Markup.of(self.tokenizer, req), initial_state(self.tokenizer, ids))
         # What every rank needs to run the same generation: ids, limits and a seed.
@@ -370,7 +363,7 @@ def follower_main(path: str, spec: ShardSpec) -> int:
         return _exit(EXIT_LOAD_FAILED)
     log.info("rank %d: loaded; following rank 0", rank)
     chan = Channel(group)
-    grammars = grammars_for(tokenizer, vocab_size(config, tokenizer))
+    grammars = Grammars.of_lm(tokenizer, vocab_size(config, tokenizer))
     it: Any = None
     try:
         while True:

@@ -256,11 +256,9 @@ class VLMEngine:
             emit(err)
             return False
         assert self.grammars is not None
-        try:  # response_format: the same llguidance processor as the lm engine's
-            constrained = self.grammars.processor(req, [])
-        except ValueError as e:
-            emit(bad_request(req.id, f"the grammar does not compile for this model: {e}",
-                             param="response_format"))
+        constrained = self.grammars.build(req, [])  # response_format, as in the lm engine
+        if isinstance(constrained, Error):
+            emit(constrained)
             return False
         if req.seed is not None:
             mx.random.seed(req.seed & 0xFFFFFFFFFFFFFFFF)  # for samplers mlx-vlm does not key by seed
