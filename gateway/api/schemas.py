@@ -7,7 +7,7 @@ which parameter is wrong and what would be right.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
