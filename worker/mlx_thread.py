@@ -288,6 +288,7 @@ def _hold(held: list[FromWorker], msg: FromWorker) -> None:
     if isinstance(msg, Chunk) and isinstance(last, Chunk):
         lps = (last.logprobs or []) + (msg.logprobs or []) if last.logprobs or msg.logprobs else None
         held[-1] = Chunk(id=msg.id, text=last.text + msg.text, tokens=last.tokens + msg.tokens,
-                         logprobs=lps)
+                         logprobs=lps, reasoning=last.reasoning + msg.reasoning,
+                         tool_calls=last.tool_calls + msg.tool_calls)
     else:
         held.append(msg)
