@@ -113,6 +113,9 @@ class Config(Strict):
     stop_grace: float = 5.0
     """Seconds a worker gets to exit after a Shutdown message before SIGTERM (then SIGKILL)."""
     headroom: float = 0.2
+    turn_seconds: float = 10.0
+    """When the memory a cold model needs is held by busy models, a holder yields it (drained
+    between requests) once it has had it this long; waiting models take turns."""
     max_crashes: int = 3
     crash_window: float = 60.0
     warm_spare: bool = True
@@ -200,7 +203,7 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
                 "max_connections", "stream_buffer"):
         if getattr(cfg, key) < (0 if key == "max_queue" else 1):
             out.append((f"$.{key}", f"must be positive, got {getattr(cfg, key)}"))
-    for key in ("header_timeout", "body_timeout", "write_timeout", "keep_alive_timeout"):
+    for key in ("header_timeout", "body_timeout", "write_timeout", "keep_alive_timeout", "turn_seconds"):
         if getattr(cfg, key) <= 0:
             out.append((f"$.{key}", f"must be positive (seconds), got {getattr(cfg, key)}"))
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:

@@ -267,16 +267,66 @@ def test_eviction_takes_the_least_recently_used_and_waits_for_its_reap(make: Any
 
 
 def test_pinned_and_busy_models_are_never_evicted(make: Any) -> None:
+    """A busy holder keeps its memory for its turn (``turn_seconds``), then yields it between
+    requests; the pinned one never does; a need that can never fit is refused at once."""
     sim = make(entry("pin", 500 * MB, pinned=True), entry("busy", 400 * MB),
-               entry("c", 400 * MB), budget=1000 * MB)
+               entry("c", 400 * MB), entry("never", 600 * MB), budget=1000 * MB, turn_seconds=10.0,
+               heartbeat_timeout=1000.0)
     sim.core.slots["pin"].pinned = True
     for m in ("pin", "busy"):
         sim.acquire(m)
         sim.boot(m)
     # "busy" still holds the lease of its first request.
-    e = error_of(sim.acquire("c"))
+    e = error_of(sim.acquire("never"))
     assert e.status == 503 and "not enough memory" in e.message and "(pinned)" in e.message
-    assert not sim.fx.did("stop")
+    assert "pinned models leave too little" in e.message
+    c = sim.acquire("c")
+    assert not c.fut.done() and sim.core.slots["c"].state is SlotState.WAITING
+    sim.tick(5.0)
+    assert not sim.fx.did("stop") and sim.worker("busy").state is State.READY  # its turn runs
+    sim.tick(5.1)
+    busy = sim.worker("busy")
+    assert busy.state is State.DRAINING and not sim.fx.did("stop")  # its request finishes first
+    sim.release(sim.lease("busy"))
+    assert sim.fx.did("stop") == [busy.worker_id]
+    sim.exit(busy)
+    assert sim.worker("pin").state is State.READY
+    sim.boot("c")
+    assert lease_of(c).model_id == "c"
+
+
+def test_under_thrash_busy_models_take_turns(make: Any) -> None:
+    """Three models, room for two, every one always busy: the memory rotates, each waiting model
+    gets its turn in order (never-served first, then the least recently served)."""
+    sim = make(*(entry(m, 400 * MB, max_concurrency=1, max_queue=8) for m in "abc"),
+               budget=900 * MB, turn_seconds=5.0, heartbeat_timeout=1000.0)
+    served: list[str] = []
+
+    def busy(m: str) -> None:  # a new request the moment one finishes: never idle
+        sim.acquire(m, f"{m}{len(served)}")
+
+    for m in "ab":
+        busy(m)
+        sim.boot(m)
+        served.append(m)
+    busy("c")
+    assert sim.core.slots["c"].state is SlotState.WAITING
+    for _ in range(60):  # one second per step, each hot model finishing a request per step
+        sim.tick(1.0)
+        for m in "abc":
+            w = sim.core.slots[m].worker
+            if w is None:
+                continue
+            if w.state is State.STARTING:
+                sim.boot(m)
+                served.append(m)
+            elif w.inflight and w.state in (State.READY, State.DRAINING):
+                busy(m)  # queued behind the one in flight (or for the next turn)
+                sim.release(sim.lease(m))
+            if w.state is State.STOPPING:
+                sim.exit(w)
+    assert served[:5] == ["a", "b", "c", "a", "b"], served
+    assert min(served.count(m) for m in "abc") >= 3, served
 
 
 # ---------------------------------------------------------------- ttl and timers

@@ -86,6 +86,7 @@ def _on_ready(core: c.Core, w: Worker, msg: p.Ready) -> None:
     if slot is None:
         return
     slot.last_error = None
+    w.ready_mono = slot.last_turn = core.now()
     for f in slot.load_waiters:
         if not f.done():
             f.set_result(w)

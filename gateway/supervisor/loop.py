@@ -38,6 +38,7 @@ from mlx_supervisor.gateway.supervisor.model import (
     Worker,
 )
 from mlx_supervisor.gateway.supervisor.spare import ExecLauncher, Launcher
+from mlx_supervisor.gateway.supervisor.states import SlotState
 from mlx_supervisor.gateway.supervisor.transport import Transport
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.config import Config
@@ -110,9 +111,7 @@ class Supervisor:
             lease: Lease = await asyncio.wait_for(asyncio.shield(waiter.fut), self.cfg.queue_timeout)
         except asyncio.TimeoutError:
             self.events.put_nowait(Abandon(model_id, waiter))
-            raise APIError(503, f"model {model_id!r} did not become available within "
-                           f"queue_timeout ({self.cfg.queue_timeout:g}s)", code="queue_timeout",
-                           retry_after=5) from None
+            raise self._timed_out(model_id) from None
         except asyncio.CancelledError:
             self.events.put_nowait(Abandon(model_id, waiter))
             raise
@@ -127,6 +126,18 @@ class Supervisor:
         fut = asyncio.get_running_loop().create_future()
         self.events.put_nowait(make(fut))
         return await fut
+
+    def _timed_out(self, model_id: str) -> APIError:
+        """queue_timeout: for a model waiting for its turn at the memory, say so, with the
+        expected wait as Retry-After (a read of the loop's state, never a write)."""
+        slot = self.core.slots.get(model_id)
+        msg = (f"model {model_id!r} did not become available within queue_timeout "
+               f"({self.cfg.queue_timeout:g}s)")
+        if slot is not None and slot.state is SlotState.WAITING:
+            left = max(1.0, slot.eta - time.monotonic())
+            return APIError(503, msg + f": its memory is held by busy models, its turn is expected "
+                            f"in about {left:.0f}s", code="queue_timeout", retry_after=left)
+        return APIError(503, msg, code="queue_timeout", retry_after=5)
 
     async def load(self, model_id: str, pin: bool | None = None) -> Worker:
         w: Worker = await self._ask(lambda f: LoadCmd(model_id, pin, f))

@@ -37,6 +37,7 @@ class Worker:
     started_at: float = field(default_factory=time.time)  # wall clock, for display
     load_started: float = field(default_factory=time.monotonic)  # spawn or adoption; load_timeout
     last_used_mono: float = field(default_factory=time.monotonic)  # last grant or release; LRU, ttl
+    ready_mono: float | None = None  # when it became ready: how long its turn has run
     last_heartbeat: float = field(default_factory=time.monotonic)
     memory: p.Memory | None = None
     inflight: int = 0
@@ -89,6 +90,8 @@ class Slot:
     last_error: str | None = None
     last_used_wall: float | None = None  # wall clock of the last grant or release, for display
     loads: int = 0
+    last_turn: float = float("-inf")  # monotonic: when its last worker became ready (turn order)
+    eta: float = 0.0  # monotonic: when a WAITING model expects its memory (Retry-After)
 
     @property
     def model_id(self) -> str:

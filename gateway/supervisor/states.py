@@ -46,15 +46,18 @@ class SlotState(str, enum.Enum):
 
     COLD = "cold"  # nothing wanted, or admitted (the worker, if any, says the rest)
     PENDING = "pending"  # admitted, waiting for the reaps that make room
+    WAITING = "waiting"  # its memory is held by busy models: queued for a turn (turns.py)
     BACKING_OFF = "backing_off"  # crashed recently: the respawn waits for ``respawn_at``
     FAILED = "failed"  # crashed ``max_crashes`` times: refused until ``failed_until``
 
 
+_W = SlotState.WAITING
 SLOT_LEGAL: dict[SlotState, frozenset[SlotState]] = {
-    SlotState.COLD: frozenset({SlotState.PENDING, SlotState.BACKING_OFF, SlotState.FAILED}),
-    SlotState.PENDING: frozenset({SlotState.COLD, SlotState.BACKING_OFF, SlotState.FAILED}),
-    SlotState.BACKING_OFF: frozenset({SlotState.COLD, SlotState.PENDING, SlotState.FAILED}),
+    SlotState.COLD: frozenset({SlotState.PENDING, SlotState.BACKING_OFF, SlotState.FAILED, _W}),
+    SlotState.PENDING: frozenset({SlotState.COLD, SlotState.BACKING_OFF, SlotState.FAILED, _W}),
+    SlotState.BACKING_OFF: frozenset({SlotState.COLD, SlotState.PENDING, SlotState.FAILED, _W}),
     SlotState.FAILED: frozenset({SlotState.COLD}),
+    _W: frozenset({SlotState.COLD, SlotState.PENDING, SlotState.BACKING_OFF, SlotState.FAILED}),
 }
 
 

@@ -100,6 +100,8 @@ def _slot_due(core: c.Core, slot: Slot, now: float) -> list[Action]:
         return [Recover(slot.entry.id)] if slot.failed_until <= now else []
     if slot.pending and slot.respawn_at <= now:
         return [Admit(slot.entry.id, backoff_over=True)]
+    if slot.state is SlotState.WAITING:  # a holder's turn may have run out
+        return [Admit(slot.entry.id)]
     if slot.pinned and slot.worker is None and not core.closing and not slot.pending:
         return [Admit(slot.entry.id)]
     return []
@@ -151,7 +153,8 @@ def apply(core: c.Core, act: Action, now: float) -> None:
                 return
         if isinstance(act, Admit) and act.backoff_over:
             slot.respawn_at = 0.0
-        c.move_slot(slot, SlotState.COLD, "admitting")
+        if slot.state is not SlotState.WAITING:
+            c.move_slot(slot, SlotState.COLD, "admitting")
         admission.admit(core, slot)
     elif (w := core.workers.get(act.worker_id)) is not None:
         if isinstance(act, Kill):
