@@ -48,9 +48,16 @@ def hf_cache_dir() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "huggingface") / "hub"
 
 
-def resolve_repo(repo: str) -> str | None:
-    """The newest local snapshot of ``repo`` in the Hugging Face cache, or None."""
-    snaps = hf_cache_dir() / f"models--{repo.replace('/', '--')}" / "snapshots"
+def resolve_repo(repo: str, revision: str | None = None) -> str | None:
+    """The local snapshot of ``repo`` in the Hugging Face cache (``revision``: that commit, or
+    the one a branch/tag ref points at; else the newest), or None."""
+    root = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+    snaps = root / "snapshots"
+    if revision is not None:
+        ref = root / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        snap = snaps / commit
+        return str(snap) if (snap / "config.json").exists() else None
     if not snaps.is_dir():
         return None
     dirs = sorted((d for d in snaps.iterdir() if (d / "config.json").exists()), key=lambda d: d.stat().st_mtime)
@@ -87,9 +94,10 @@ def build(cfg: Config, total_memory: int) -> tuple[dict[str, Entry], dict[str, s
     models = dict(discover_hf_cache()) if cfg.discover_hf_cache else {}
     models.update(cfg.models)
     for name, m in models.items():
-        path = m.path or (resolve_repo(m.repo) if m.repo else None)
+        path = m.path or (resolve_repo(m.repo, m.revision) if m.repo else None)
         if path is None:
-            problems.append(f"model {name!r}: repo {m.repo!r} is not in the local Hugging Face cache"
+            at = f"@{m.revision}" if m.revision else ""
+            problems.append(f"model {name!r}: repo {m.repo!r}{at} is not in the local Hugging Face cache"
                             + ("" if cfg.allow_download else " (allow_download = false)"))
             path = ""
         path = str(Path(path).expanduser()) if path else ""

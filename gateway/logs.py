@@ -70,6 +70,6 @@ def setup_logging(cfg: Config, stream: Any = None, log_file: str | Path | None =
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(cfg.log_level.upper())
-    for noisy in ("uvicorn.access",):
+    for noisy in ("uvicorn.access", "httpx", "httpx2"):  # httpx*: one line per Hub request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler

@@ -30,9 +30,9 @@ LIVE = ("models", "memory_budget", "max_models", "default_ttl", "max_concurrency
 def attach(gw: Gateway) -> None:
     lock = asyncio.Lock()
 
-    async def reload() -> None:
+    async def reload() -> bool:
         async with lock:  # two quick SIGHUPs apply one after the other, never interleaved
-            await apply(gw)
+            return await apply(gw)
 
     gw.reload = reload
 

@@ -33,7 +33,14 @@ from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.shared import paths
-from mlx_supervisor.shared.config import Config, ConfigError, ModelConfig, load, semantic_problems
+from mlx_supervisor.shared.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    add_dropins,
+    load,
+    semantic_problems,
+)
 from mlx_supervisor.shared.sizes import format_size
 
 log = logging.getLogger("mlx_supervisor.serve")
@@ -60,7 +67,11 @@ def demo_models() -> dict[str, ModelConfig]:
 def resolve_config(args: argparse.Namespace) -> Config:
     """The config file if there is one; ``--demo`` (or no config file at all) adds the demo models."""
     path = Path(args.config).expanduser() if getattr(args, "config", None) else paths.config_path()
-    cfg = load(path) if path.exists() or getattr(args, "config", None) else Config()
+    if path.exists() or getattr(args, "config", None):
+        cfg = load(path)
+    else:  # no main config: pulled and added models still count
+        cfg = Config()
+        add_dropins(cfg, path.parent)
     if getattr(args, "demo", False) or not path.exists():
         cfg.models = {**demo_models(), **cfg.models}
     for key in ("host", "port", "log_format"):
@@ -123,7 +134,7 @@ PLUGINS: list[Any] = []
 def _load_plugins() -> None:
     for name in ("mlx_supervisor.gateway.api.images", "mlx_supervisor.gateway.observe.metrics",
                  "mlx_supervisor.gateway.observe.statuspage", "mlx_supervisor.gateway.observe.jobs",
-                 "mlx_supervisor.gateway.reload"):
+                 "mlx_supervisor.gateway.reload", "mlx_supervisor.gateway.api.models_admin"):
         if importlib.util.find_spec(name) is not None:
             mod = __import__(name, fromlist=["attach"])
             if hasattr(mod, "attach") and mod.attach not in PLUGINS:

@@ -32,6 +32,8 @@ class ModelConfig(Strict):
     """A local model directory (config.json + weights)."""
     repo: str | None = None
     """A Hugging Face repo id resolved in the local HF cache (never downloaded unless allowed)."""
+    revision: str | None = None
+    """With ``repo``: the commit to serve (``pull`` records the one it fetched); else the newest."""
     kind: Kind | None = None
     """lm, vlm or embeddings; detected from config.json when absent. ``fake`` is the test worker."""
     pinned: bool = False
@@ -188,7 +190,21 @@ def load(path: str | Path) -> Config:
     for m in cfg.models.values():
         if m.path and not Path(m.path).expanduser().is_absolute():
             m.path = str((p.parent / m.path).resolve())
+    add_dropins(cfg, p.parent)
     return cfg
+
+
+def add_dropins(cfg: Config, config_dir: Path) -> None:
+    """Merge the machine-written ``models.d/NAME.toml`` entries (see shared/dropins.py) into
+    ``cfg.models``; a bad file or a name the main config already uses is a ConfigError."""
+    from mlx_supervisor.shared import dropins
+
+    found = dropins.read_all(config_dir)
+    clash = [(str(dropins.file_of(config_dir, n)), f"model {n!r} is already defined in the main config")
+             for n in found if n in cfg.models]
+    if clash:
+        raise ConfigError(clash, str(dropins.directory(config_dir)))
+    cfg.models.update(found)
 
 
 def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
@@ -215,6 +231,8 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
             out.append((at, "bad model name"))
         if (m.path is None) == (m.repo is None):
             out.append((at, "needs exactly one of `path` or `repo`"))
+        elif m.revision is not None and m.repo is None:
+            out.append((f"{at}.revision", "only a `repo` model has a revision"))
         elif m.path and m.kind != "fake" and not Path(m.path).expanduser().is_dir():
             out.append((f"{at}.path", f"not a directory: {m.path}"))
         if m.ttl is not None and m.ttl < 0:

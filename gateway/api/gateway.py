@@ -41,7 +41,7 @@ class Gateway:
         self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self.image_fetcher: Callable[[list[str]], Any] | None = None
         self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
-        self.reload: Callable[[], Awaitable[None]] | None = None  # SIGHUP
+        self.reload: Callable[[], Awaitable[bool]] | None = None  # SIGHUP, pull/add/rm; False: refused
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.jobs: Jobs | None = None  # the jobs plugin (in-flight requests, the ledger), if attached
 

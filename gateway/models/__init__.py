@@ -1,0 +1,1 @@
+"""Getting models: pulls from the Hugging Face Hub and the catalog drop-ins they write."""
