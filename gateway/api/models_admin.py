@@ -127,13 +127,15 @@ class ModelRoutes:
         cdir = config_dir()
         cfg = await asyncio.to_thread(read_config)
         model = edit.removable(cfg, cdir, name)
+        others = {n: m for n, m in cfg.models.items() if n != name}
+        if delete:
+            edit.check_delete(model, others)
         if name in self.gw.sup.slots:
             await self.gw.sup.unload(name)  # its requests finish, then the worker is gone
         dropins.remove(cdir, name)
         await apply(self.gw)
         files = None
         if delete:
-            others = {n: m for n, m in cfg.models.items() if n != name}
             files = await asyncio.to_thread(edit.delete_cached, model, others)
         return json_response({"model": name, "removed": True, "files": files})
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo_model)
 
     # Operational commands register themselves here (daemon, service, jobs, ...).
-    for module in ("mlx_supervisor.gateway.cli.ops", "mlx_supervisor.gateway.cli.jobs"):
+    for module in ("mlx_supervisor.gateway.cli.ops", "mlx_supervisor.gateway.cli.jobs",
+                   "mlx_supervisor.gateway.cli.catalog_cmd"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError:

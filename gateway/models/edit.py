@@ -72,13 +72,9 @@ def removable(cfg: Config, config_dir: Path, name: str) -> ModelConfig:
     return cfg.models[name]
 
 
-def delete_cached(model: ModelConfig, others: dict[str, ModelConfig]) -> str:
-    """Delete a repo model's files from the Hugging Face cache (every revision); a summary.
-
-    Refused for a local ``path`` (those are the user's files) and for a repo another catalog
-    entry still serves."""
-    from huggingface_hub import scan_cache_dir
-
+def check_delete(model: ModelConfig, others: dict[str, ModelConfig]) -> None:
+    """Refuse ``--delete-files`` for a local ``path`` (those are the user's files) and for a
+    repo another catalog entry still serves; asked before anything is removed."""
     if not model.repo:
         raise APIError(400, "--delete-files deletes Hugging Face cache files only; this model is a "
                        f"local directory ({model.path}), left as it is", param="delete_files",
@@ -87,6 +83,14 @@ def delete_cached(model: ModelConfig, others: dict[str, ModelConfig]) -> str:
     if users:
         raise APIError(409, f"repo {model.repo} is still served as {', '.join(users)}; its files stay",
                        param="delete_files", code="repo_in_use")
+
+
+def delete_cached(model: ModelConfig, others: dict[str, ModelConfig]) -> str:
+    """Delete a repo model's files from the Hugging Face cache (every revision); a summary."""
+    from huggingface_hub import scan_cache_dir
+
+    check_delete(model, others)
+    assert model.repo is not None
     cache = scan_cache_dir(hf_cache_dir()) if hf_cache_dir().is_dir() else None
     repos = [r for r in (cache.repos if cache else ()) if r.repo_id == model.repo and r.repo_type == "model"]
     hashes = [rev.commit_hash for r in repos for rev in r.revisions]

@@ -134,6 +134,7 @@ def check_architecture(path: Path, kind: str, repo: str) -> None:
     except subprocess.TimeoutExpired:
         raise APIError(500, "the architecture check did not finish in 120 s", code="internal_error") from None
     if r.returncode != 0:
-        why = (r.stdout.strip() or r.stderr.strip().splitlines()[-1:] or ["unknown"])[-1]
+        lines = r.stdout.strip().splitlines() or r.stderr.strip().splitlines() or ["unknown"]
+        why = lines[-1]
         raise APIError(422, f"repo {repo!r} is not an MLX model this server can run: {why}",
                        param="repo", code="not_mlx_model")

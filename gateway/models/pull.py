@@ -8,10 +8,11 @@ ones the HTTP route streams and the CLI draws bars from:
 - ``done``: the model name the catalog now serves it under, and the snapshot path;
 - ``error``: ``status``/``code``/``message``; ``code == "cancelled"`` after ``cancel()``.
 
-The files go through ``hf_hub_download`` into the standard cache, so an interrupted pull leaves
-an ``.incomplete`` blob that the next pull of the repo resumes with a ``Range`` request, and a
-second process pulling the same file waits on the cache's lock instead of fetching it twice.
-Cancelling raises from inside the client's progress callback: the partial blob stays.
+The files go into the standard cache (``hf_hub_download``; the weights through fetch.py), so an
+interrupted pull leaves an ``.incomplete`` blob that the next pull of the repo resumes with a
+``Range`` request, and a second process pulling the same file waits on the cache's lock instead
+of fetching it twice. Cancelling raises from inside the client's progress callback: the partial
+blob stays.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_supervisor.gateway.errors import APIError
-from mlx_supervisor.gateway.models import hub
+from mlx_supervisor.gateway.models import fetch, hub
 from mlx_supervisor.shared.model_kind import detect_kind
 
 log = logging.getLogger("mlx_supervisor.pull")
@@ -191,8 +192,11 @@ class Pull:
             if self._cancel.is_set():
                 raise PullCancelled
             self._current = f.name
-            local = hf_hub_download(self.repo, f.name, revision=self.plan.revision,
-                                    tqdm_class=self.bar_class())
+            if f.weights:  # resumable across interruptions (see fetch.py)
+                local = fetch.fetch(self.repo, f.name, self.plan.revision, self.bar_class())
+            else:
+                local = hf_hub_download(self.repo, f.name, revision=self.plan.revision,
+                                        tqdm_class=self.bar_class())
             self.done_bytes[f.name] = f.size
             if self.state == "downloading":
                 self._progress(f.name)

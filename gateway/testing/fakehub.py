@@ -21,6 +21,8 @@ import functools
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".npz")
+BIG = 64 * 2**20
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
@@ -44,7 +47,11 @@ def _digest(path: str, size: int, mtime: float, algo: str) -> str:
 
 
 def digest(p: Path, algo: str) -> str:
+    """The file's git blob id (sha1) or LFS oid (sha256); files over ``BIG`` (sparse test files
+    that only need a size in the listing) get a hash of their name, size and time instead."""
     st = p.stat()
+    if st.st_size > BIG:
+        return hashlib.new(algo, f"{p}:{st.st_size}:{st.st_mtime}".encode()).hexdigest()
     return _digest(str(p), st.st_size, st.st_mtime, algo)
 
 
@@ -204,6 +211,63 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], hub: Hub):
         super().__init__(addr, Handler)
         self.hub = hub
+
+
+class HubProcess:
+    """The fake Hub in a child process, so a test can kill it mid-file and start it again on the
+    same port: ``with HubProcess(root, rate=...) as hub: env = hub.env(cache)``."""
+
+    def __init__(self, root: Path, rate: float = 0.0, port: int = 0):
+        from mlx_supervisor.gateway.testing.server import free_port
+
+        self.root, self.rate = root, rate
+        self.port = port or free_port()
+        self.log_path = root.parent / f"hub-{self.port}.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, cache: Path) -> dict[str, str]:
+        """What a gateway or CLI needs to pull from this hub into ``cache``."""
+        return {"HF_ENDPOINT": self.url, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def start(self, rate: float | None = None) -> HubProcess:
+        if rate is not None:
+            self.rate = rate
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_supervisor.gateway.testing.fakehub", str(self.root),
+             "--port", str(self.port), "--rate", str(self.rate), "--log", str(self.log_path)],
+            stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # it prints its URL once it listens
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def requests(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def gets(self, repo: str, file: str) -> list[dict[str, Any]]:
+        """The GETs of one file of one repo, in order."""
+        return [r for r in self.requests() if r["method"] == "GET" and r.get("file") == file
+                and r["path"].startswith(f"/{repo}/resolve/")]
+
+    def __enter__(self) -> HubProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
