@@ -209,6 +209,8 @@ def create_app(gateway: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.sup.start()
+        for hook in gateway.startup_hooks:
+            await hook()
         try:
             yield
         finally:

@@ -42,6 +42,7 @@ class Gateway:
         self.image_fetcher: Callable[[list[str]], Any] | None = None
         self.routes: list[BaseRoute] = []  # plugins (metrics, status page, jobs) add theirs here
         self.reload: Callable[[], Awaitable[bool]] | None = None  # SIGHUP, pull/add/rm; False: refused
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []  # after the supervisor starts
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.jobs: Jobs | None = None  # the jobs plugin (in-flight requests, the ledger), if attached
 

@@ -1,5 +1,6 @@
 """The live status page: ``/`` and ``/static/*`` (public, no build step), ``GET /admin/status``
-(one JSON document the page polls) and ``GET /admin/events`` (server-sent lifecycle events).
+(one JSON document the page polls), ``GET /admin/events`` (server-sent lifecycle events, plus
+the charts' live samples) and ``GET /admin/history`` (the charts' last 15 minutes, history.py).
 
 Events come from the gateway's bus (supervisor events and state transitions) into one ring
 buffer of the last ``RING`` events. A new subscriber gets the backlog first (only what it has not seen, when
@@ -25,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response
+from mlx_supervisor.gateway.observe.history import History
 from mlx_supervisor.gateway.supervisor import events as ev
 from mlx_supervisor.gateway.supervisor.states import State
 
@@ -58,13 +60,23 @@ class EventHub:
         ev = {"id": next(self._seq), "time": time.time(), "kind": kind,
               **{k: v for k, v in data.items() if v is not None}}
         self.ring.append(ev)
+        self._fan_out(ev)
+        return ev
+
+    def broadcast(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Send to the open streams only, outside the backlog (chart samples: the backlog is for
+        lifecycle events, and the samples have their own ring in history.py)."""
+        ev = {"time": time.time(), **data, "id": next(self._seq), "kind": kind}
+        self._fan_out(ev)
+        return ev
+
+    def _fan_out(self, ev: dict[str, Any]) -> None:
         for sub in list(self.subscribers):
             try:
                 sub.queue.put_nowait(ev)
             except asyncio.QueueFull:
                 sub.dropped = True
                 self.subscribers.discard(sub)
-        return ev
 
     def subscribe(self, after: int = 0) -> tuple[Subscriber, list[dict[str, Any]]]:
         """A new subscriber and the backlog it has not seen (events with id > ``after``)."""
@@ -137,10 +149,18 @@ def attach(gw: Gateway) -> StatusPage:
     """Plugin entry point (see serve.PLUGINS)."""
     page = StatusPage(gw, EventHub())
     gw.bus.subscribe(ev.SupervisorEvent, page.on_event)
+    hist = History(gw, lambda sample: page.hub.broadcast("sample", sample))
+    gw.startup_hooks.append(hist.start)
+    gw.shutdown_hooks.append(hist.stop)
+
+    async def history(request: Request) -> Response:
+        return json_response(hist.document())
+
     gw.routes += [
         Route("/", page.index, methods=["GET"]),
         Route("/admin/status", page.status, methods=["GET"]),
         Route("/admin/events", page.events, methods=["GET"]),
+        Route("/admin/history", history, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return page

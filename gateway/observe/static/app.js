@@ -1,4 +1,5 @@
-// mlx-supervisor status page: polls /admin/status, streams /admin/events. No build step, no deps.
+// mlx-supervisor status page: polls /admin/status, streams /admin/events. No build step; the one
+// dependency (uPlot, for charts.js) is vendored under static/vendor.
 // The SSE stream is read with fetch() rather than EventSource so the admin key can travel as a
 // Bearer header (EventSource cannot send headers).
 "use strict";
@@ -12,6 +13,7 @@ let status = null;        // last /admin/status document
 let fetchedAt = 0;        // performance.now() when it arrived
 let events = [];          // newest last
 let lastEventId = 0;
+const statusListeners = []; // called with each /admin/status document
 let authFailed = false;
 const pending = new Set(); // "model:action" while a button's request runs
 
@@ -97,6 +99,7 @@ async function refresh() {
   status = await resp.json();
   fetchedAt = performance.now();
   render();
+  for (const fn of statusListeners) fn(status);
 }
 
 function elapsed() { return (performance.now() - fetchedAt) / 1000; }
@@ -234,9 +237,14 @@ function describe(e) {
   return e.reason || "";
 }
 
+// Other scripts (charts, playground) see every event; "sample" ones only feed the charts.
+const eventListeners = [];
+
 function onEvent(e) {
   if (e.id <= lastEventId) return;
   lastEventId = e.id;
+  for (const fn of eventListeners) fn(e);
+  if (e.kind === "sample") return;
   events.push(e);
   if (events.length > MAX_EVENTS) events.splice(0, events.length - MAX_EVENTS);
   renderEvents();

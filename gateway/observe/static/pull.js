@@ -1,0 +1,93 @@
+// The pull form: POST /admin/models/pull and draw its SSE events (started, progress, done,
+// error) as a progress bar per pull, with a Cancel button (DELETE /admin/pulls/{id}).
+// Uses app.js's helpers ($, h, authHeaders, fmtBytes, errorText, refresh).
+"use strict";
+
+function fmtEta(s) {
+  if (s === null || s === undefined) return "";
+  return s >= 60 ? `${Math.floor(s / 60)}m ${String(Math.round(s % 60)).padStart(2, "0")}s left`
+    : `${Math.ceil(s)}s left`;
+}
+
+function pullRow(repo) {
+  const bar = h("progress", { max: 1, value: 0 });
+  const title = h("b", {}, repo);
+  const text = h("span", { class: "muted" }, "asking the Hub…");
+  const file = h("span", { class: "muted file" }, "");
+  const cancel = h("button", { class: "danger", disabled: true }, "Cancel");
+  const row = h("div", { class: "pullrow", "data-repo": repo },
+    h("div", { class: "line" }, title, text), bar, h("div", { class: "line" }, file, cancel));
+  $("#pulls").prepend(row);
+  return { row, bar, title, text, file, cancel };
+}
+
+function showPullEvent(r, ev) {
+  r.row.dataset.state = ev.event;
+  if (ev.event === "started" || ev.event === "progress") {
+    r.bar.max = ev.total || 1;
+    r.bar.value = ev.bytes || 0;
+    const rate = ev.rate ? ` · ${fmtBytes(ev.rate)}/s · ${fmtEta(ev.eta)}` : "";
+    r.text.textContent = `${fmtBytes(ev.bytes)} of ${fmtBytes(ev.total)}${rate}`;
+    if (ev.file) r.file.textContent = `${ev.file}: ${fmtBytes(ev.file_bytes)} of ${fmtBytes(ev.file_size)}`;
+  } else if (ev.event === "done") {
+    r.bar.value = r.bar.max;
+    r.row.classList.add("done");
+    r.text.textContent = `done: served as ${ev.model}`;
+    r.file.textContent = "";
+    r.cancel.remove();
+    refresh();
+  } else if (ev.event === "error") {
+    r.row.classList.add("error");
+    r.text.textContent = ev.message;
+    r.cancel.remove();
+  }
+}
+
+async function readSSE(resp, onData) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim());
+      if (data.length && data[0] !== "[DONE]") onData(JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+async function startPull(ev) {
+  ev.preventDefault();
+  const repo = $("#pullrepo").value.trim();
+  const name = $("#pullname").value.trim();
+  const r = pullRow(repo);
+  const body = { repo, pin: $("#pullpin").checked };
+  if (name) body.name = name;
+  try {
+    const resp = await fetch("/admin/models/pull", {
+      method: "POST", body: JSON.stringify(body),
+      headers: { ...authHeaders(), "Content-Type": "application/json", Accept: "text/event-stream" },
+    });
+    if (!resp.ok) {
+      showPullEvent(r, { event: "error", message: await errorText(resp) });
+      return;
+    }
+    const id = resp.headers.get("x-pull-id");
+    r.row.dataset.id = id;
+    r.cancel.disabled = false;
+    r.cancel.addEventListener("click", async () => {
+      r.cancel.disabled = true;
+      await fetch("/admin/pulls/" + encodeURIComponent(id), { method: "DELETE", headers: authHeaders() });
+    });
+    await readSSE(resp, (e) => showPullEvent(r, e));
+  } catch (e) {
+    showPullEvent(r, { event: "error", message: String(e) });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => $("#pullform").addEventListener("submit", startPull));

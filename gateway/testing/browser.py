@@ -1,0 +1,28 @@
+"""Headless Chromium for the status-page tests: the system browser, its flags, and a pixel check
+that a screenshot shows what the DOM claims."""
+
+from __future__ import annotations
+
+import shutil
+
+from PIL import Image
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise AssertionError("no Chromium found: apt-get install -y chromium (see .ci/run)")
+
+
+def color_share(shot: Image.Image, box: dict[str, float], rgb: tuple[int, int, int]) -> float:
+    """The fraction of pixels inside ``box`` (CSS px, device scale 1) close to ``rgb``."""
+    crop = shot.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]),
+                      int(box["y"] + box["height"]))).convert("RGB")
+    pixels = [crop.getpixel((x, y)) for x in range(crop.width) for y in range(crop.height)]
+    near = sum(1 for p in pixels if all(abs(int(a) - b) < 24 for a, b in zip(p, rgb, strict=True)))  # type: ignore[arg-type, misc]
+    return near / max(1, len(pixels))

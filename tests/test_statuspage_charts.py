@@ -1,0 +1,126 @@
+"""The status page's charts (the history ring and its live samples), pull form and playground, in
+real headless Chromium against a real gateway, a fake Hub and the real tiny llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
+from mlx_supervisor.gateway.testing.cli import fake
+from mlx_supervisor.gateway.testing.fakehub import HubProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+
+BLUE = (0x2E, 0x6F, 0xDB)  # PALETTE[0] in charts.js: the first model's series
+
+
+@pytest.fixture(scope="module")
+def hub_root(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("hub") / "repos"
+    shutil.copytree(demo_model_dir, root / "test-org" / "tiny-llama")
+    return root
+
+
+def chat(url: str, model: str) -> None:
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+
+
+def test_history_ring_records_rates_memory_and_budget() -> None:
+    with ServerProcess({"alpha": fake()}, {"memory_budget": "250MB"}) as srv:
+        for _ in range(3):
+            chat(srv.url, "alpha")
+
+        def sampled() -> list[dict[str, Any]] | None:
+            s = httpx.get(srv.url + "/admin/history").json()["samples"]
+            return [x for x in s if "alpha" in x["rates"]] or None
+
+        hit = wait_for(sampled, 15, what="a sample with alpha's requests")
+        assert sum(x["rates"]["alpha"]["rps"] for x in hit) > 0
+        assert sum(x["rates"]["alpha"]["tps"] for x in hit) > 0
+        doc = httpx.get(srv.url + "/admin/history").json()
+        assert doc["interval"] == 2.0 and doc["window"] == 900.0
+        last = doc["samples"][-1]
+        assert last["budget"] == 250 * 10**6 and last["memory"] == {"alpha": 100_000_000}
+        assert last["used"] == 100_000_000 and last["queued"] == {}
+        with httpx.stream("GET", srv.url + "/admin/events", timeout=10) as r:  # live, same shape
+            for line in r.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:])["kind"] == "sample":
+                    live = json.loads(line[5:])
+                    break
+        assert live["memory"] == {"alpha": 100_000_000} and live["id"] > 0
+
+
+def test_charts_pull_form_and_playground_in_headless_chromium(hub_root: Path, demo_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    size = (hub_root / "test-org" / "tiny-llama" / "model.safetensors").stat().st_size
+    models = {"alpha": fake(), "llama": {"path": str(demo_model_dir)}}
+    with HubProcess(hub_root, rate=size / 4) as hub, \
+            ServerProcess(models, {"memory_budget": "2GB"}, env=hub.env(tmp_path / "cache")) as srv, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url + "/")
+            page.wait_for_selector("#conn.on")
+
+            # Charts: traffic shows up as alpha's series with non-zero rates, drawn in its color.
+            for _ in range(4):
+                chat(srv.url, "alpha")
+            page.wait_for_function("document.querySelector('#chart-tps').dataset.series === 'alpha'",
+                                   timeout=20_000)
+            page.wait_for_function("charts.tps.plot.data[1].some((v) => v > 0)", timeout=20_000)
+            assert page.evaluate("charts.rps.plot.data[1].some((v) => v > 0)")
+            assert page.evaluate("charts.mem.plot.data[1].some((v) => v === 100000000)")
+            assert page.evaluate("charts.mem.plot.data[2].every((v) => v === 2000000000)")  # budget
+            shot_path = tmp_path / "charts.png"
+            page.screenshot(path=str(shot_path), full_page=True)
+            shot = Image.open(shot_path)
+            for chart in ("#chart-tps canvas", "#chart-mem canvas"):
+                box = page.locator(chart).bounding_box()
+                assert box and color_share(shot, box, BLUE) > 0.002, chart
+
+            # The pull form: a live progress bar, then the model is in the catalog.
+            page.fill("#pullrepo", "test-org/tiny-llama")
+            page.click("#pullform button")
+            page.wait_for_function("(() => { const p = document.querySelector('.pullrow progress');"
+                                   " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
+            assert "of" in page.inner_text(".pullrow .line .muted")
+            page.wait_for_selector(".pullrow.done", timeout=60_000)
+            assert "served as tiny-llama" in page.inner_text(".pullrow")
+            page.wait_for_selector('#catalog tbody tr[data-model="tiny-llama"]')
+
+            # The playground: a cold model loads on demand (shown), the answer streams in.
+            page.evaluate("""() => {
+                window.seen = {status: [], lengths: []};
+                new MutationObserver(() => seen.status.push(playstatus.textContent))
+                    .observe(playstatus, {childList: true, characterData: true, subtree: true});
+                new MutationObserver(() => seen.lengths.push(playout.textContent.length))
+                    .observe(playout, {childList: true, characterData: true, subtree: true});
+            }""")
+            page.select_option("#playmodel", "llama")
+            page.fill("#playmsg", "Hello there")
+            page.click("#playsend")
+            page.wait_for_selector('#playout[data-done="1"]', timeout=60_000)
+            seen = page.evaluate("seen")
+            assert any("loading" in s or "starting" in s for s in seen["status"]), seen["status"]
+            assert len(set(seen["lengths"])) > 2  # it grew piece by piece, not all at once
+            final = page.inner_text("#playstatus")
+            assert "TTFT" in final and "tokens/s" in final and "200 tokens" in final, final
+            assert page.inner_text("#playout").strip()
+            page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+            print(f"screenshot: {tmp_path / 'status-page.png'}")  # docs/status-page.png is one
+            assert errors == []
+            assert hub.gets("test-org/tiny-llama", "model.safetensors")
+        finally:
+            browser.close()
