@@ -166,8 +166,9 @@ def test_two_pulls_of_one_repo_are_one_download_and_a_pull_outlives_its_client_u
 
 def test_refusals_come_from_the_listing_before_any_weights(hub_root: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    token = {"HF_TOKEN": "hf_secret"}
     with HubProcess(hub_root) as hub, \
-            ServerProcess({"taken": FAKE}, {"memory_budget": "1GB"}, env=hub.env(cache)) as srv:
+            ServerProcess({"taken": FAKE}, {"memory_budget": "1GB"}, env={**hub.env(cache), **token}) as srv:
         def post(body: dict[str, Any]) -> httpx.Response:
             return httpx.post(srv.url + "/admin/models/pull", json=body, timeout=60)
 
@@ -184,6 +185,7 @@ def test_refusals_come_from_the_listing_before_any_weights(hub_root: Path, tmp_p
         assert r.status_code == 422 and "unknown architecture 'no-such-architecture'" in r.text
         assert hub.gets("test-org/alien", "config.json") and not hub.gets("test-org/alien", WEIGHTS)
         assert not list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.incomplete"))
+        assert {q["auth"] for q in hub.requests()} == {"Bearer hf_secret"}  # HF_TOKEN went along
 
         assert post({"repo": "test-org/missing"}).status_code == 404
         assert post({"repo": REPO, "revision": "v9"}).json()["error"]["code"] == "revision_not_found"
@@ -232,10 +234,14 @@ def test_cli_pull_draws_bars_on_a_terminal_is_quiet_when_piped_and_rm_takes_it_a
         assert r.stderr == ""
         assert chat(srv.url, "tiny-llama").status_code == 200
 
-        rc, out = on_a_tty(srv, env, "pull", "test-org/tiny-llama-b", "--as", "second")
+        rc, out = on_a_tty(srv, env, "pull", "test-org/tiny-llama-b", "--as", "second", "--pin")
         assert rc == 0, out
         assert "%|" in out and "B/s" in out and WEIGHTS in out and "test-org/tiny-llama-b" in out
         assert "as second" in out
+        second = httpx.get(srv.url + "/v1/models/second").json()
+        assert second["pinned"] is True  # --pin: pinned, and loading at once (no request needed)
+        wait_for(lambda: httpx.get(srv.url + "/v1/models/second").json()["state"] == "ready", 60,
+                 what="the pinned pull loaded")
         assert chat(srv.url, "second").status_code == 200
 
         r = cli(srv, env, "pull", REPO, "--as", "second")
@@ -247,5 +253,6 @@ def test_cli_pull_draws_bars_on_a_terminal_is_quiet_when_piped_and_rm_takes_it_a
         assert "deleted test-org/tiny-llama from the cache" in r.stdout
         assert chat(srv.url, "tiny-llama").status_code == 404
         assert not (cache / "models--test-org--tiny-llama").exists()
+        assert (cache / "models--test-org--tiny-llama-b").is_dir()  # the same commit, another repo
         assert not (srv.workdir / "models.d" / "tiny-llama.toml").exists()
         assert chat(srv.url, "second").status_code == 200  # the other pull is untouched

@@ -9,6 +9,7 @@ write itself is atomic (shared/dropins.py).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from mlx_supervisor.gateway.catalog import hf_cache_dir, resolve_repo
@@ -86,16 +87,19 @@ def check_delete(model: ModelConfig, others: dict[str, ModelConfig]) -> None:
 
 
 def delete_cached(model: ModelConfig, others: dict[str, ModelConfig]) -> str:
-    """Delete a repo model's files from the Hugging Face cache (every revision); a summary."""
+    """Delete a repo model's folder from the Hugging Face cache (every revision); a summary.
+
+    The folder itself, found by ``scan_cache_dir``: ``delete_revisions`` matches commit hashes
+    across every repo, and a fork or mirror shares its commits with the original."""
     from huggingface_hub import scan_cache_dir
 
     check_delete(model, others)
-    assert model.repo is not None
-    cache = scan_cache_dir(hf_cache_dir()) if hf_cache_dir().is_dir() else None
-    repos = [r for r in (cache.repos if cache else ()) if r.repo_id == model.repo and r.repo_type == "model"]
-    hashes = [rev.commit_hash for r in repos for rev in r.revisions]
-    if not cache or not hashes:
+    root = hf_cache_dir()
+    repos = [r for r in (scan_cache_dir(root).repos if root.is_dir() else ())
+             if r.repo_id == model.repo and r.repo_type == "model"]
+    if not repos:
         return f"no cached files for {model.repo}"
-    strategy = cache.delete_revisions(*hashes)
-    strategy.execute()
-    return f"deleted {model.repo} from the cache ({format_size(strategy.expected_freed_size)})"
+    freed = sum(r.size_on_disk for r in repos)
+    for r in repos:
+        shutil.rmtree(r.repo_path)
+    return f"deleted {model.repo} from the cache ({format_size(freed)})"

@@ -8,8 +8,8 @@ under ``root`` (``root/ORG/NAME``) is a repo at one commit (a hash of its files)
   sizes and ``Range`` (206), the Hub's ``X-Error-Code`` on a 404.
 
 ``--rate`` throttles weight files (bytes per second) so a test can watch progress, cancel, or
-kill the server mid-file; ``--log`` appends one JSON line per request (method, path, range, the
-bytes sent), so a test can prove what was and was not fetched.
+kill the server mid-file; ``--log`` appends one JSON line per request (method, path, range,
+Authorization, the bytes sent), so a test can prove what was and was not fetched, and how.
 
 Run: ``python -m mlx_supervisor.gateway.testing.fakehub ROOT --port P [--rate B] [--log FILE]``.
 """
@@ -145,7 +145,7 @@ class Handler(BaseHTTPRequestHandler):
                     for p in files]
         data = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": False,
                            "siblings": siblings, "tags": ["mlx"]}).encode()
-        hub.record({"method": self.command, "path": self.path})
+        hub.record({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization")})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -181,8 +181,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
-        entry = {"method": self.command, "path": self.path, "file": name,
-                 "range": self.headers.get("Range"), "sent": 0}
+        entry = {"method": self.command, "path": self.path, "file": name, "sent": 0,
+                 "range": self.headers.get("Range"), "auth": self.headers.get("Authorization")}
         if body:
             entry["sent"] = self._send(p, start, end + 1, hub.rate if lfs else 0.0)
         hub.record(entry)
