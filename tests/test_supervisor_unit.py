@@ -513,7 +513,7 @@ def test_a_load_failure_fails_the_waiters_with_its_reason_once_the_worker_is_gon
     assert sim.fx.did("kill") == [w.worker_id] and w.state is State.KILLING
     sim.exit(w, -9)
     e = error_of(waiter)
-    assert e.code == "model_failed" and "failed to load: load failed: " + reason in e.message
+    assert e.code == "model_failed" and "failed to load: " + reason in e.message
 
 
 async def test_the_real_loop_survives_an_unknown_event(tmp_path: Any) -> None:

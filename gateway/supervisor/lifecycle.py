@@ -5,6 +5,8 @@ asked, crashed otherwise; bytes leave the ledger here and nowhere else)."""
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor import admin, admission, process, spare
@@ -66,7 +68,7 @@ def on_control(core: c.Core, e: Control) -> None:
     elif isinstance(msg, p.LoadFailed):
         slot = core.slots.get(w.model_id)
         if slot is not None:
-            slot.last_error = msg.reason
+            slot.last_error, slot.last_detail = public_reason(msg.reason), msg.reason
         w.kill_reason = f"load failed: {msg.reason}"
         log.error("model=%s pid=%s load failed: %s", w.model_id, w.pid, msg.reason)
 
@@ -94,17 +96,47 @@ def _on_ready(core: c.Core, w: Worker, msg: p.Ready) -> None:
     c.pump(core, slot)
 
 
+_PATH = re.compile(r"(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'\"():,;]+){2,}[/\\]?")
+
+
+def public_reason(text: str) -> str:
+    """What an API client may see of why a worker failed: the cause, with file-system paths cut
+    to their last part and no stderr tail (that stays in the logs and /admin/*)."""
+    text = text.split("; last stderr:", 1)[0]
+    text = _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], text)
+    text = re.sub(r"loading \S+ from \S+ failed: ", "", text)
+    return text[:300]
+
+
+_EXC = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt): .+)$")
+
+
+def _exception_line(tail: Iterable[str]) -> str | None:
+    """The last ``SomeError: message`` in a dead worker's stderr: usually why it died."""
+    for line in reversed(list(tail)):
+        m = _EXC.search(line.strip())
+        if m:
+            return m.group(1)
+    return None
+
+
 def on_exited(core: c.Core, e: Exited) -> None:
     w = e.worker
     how = process.describe_exit(e.returncode)
     asked = w.state in (State.DRAINING, State.STOPPING) and w.kill_reason is None
     was = w.killed_in if w.state is State.KILLING else w.state
     was_loading = was in (State.STARTING, State.LOADING)
-    reason = w.kill_reason or how
+    # Clients get the concise cause; the stderr tail (tracebacks, paths, other requests' ids)
+    # goes only to the logs, the bus (status page) and /admin/ps.
+    reason = public_reason(w.kill_reason or how)
+    detail = w.kill_reason or how
     if w.proc and e.returncode != 0 and not asked and w.proc.stderr_tail:
-        reason += "; last stderr: " + " | ".join(list(w.proc.stderr_tail)[-5:])
+        detail += "; last stderr: " + " | ".join(list(w.proc.stderr_tail)[-5:])
+        cause = _exception_line(w.proc.stderr_tail)
+        if cause and not w.kill_reason:
+            reason += ": " + public_reason(cause)
     c.move(core, w, State.STOPPED if asked else State.CRASHED,
-           f"{w.stop_reason or 'stopped'}; {how}" if asked else reason)
+           f"{w.stop_reason or 'stopped'}; {how}" if asked else detail)
     n = core.fx.fail_streams(w.worker_id, f"worker for model {w.model_id!r} {reason}")
     if n:
         log.warning("model=%s pid=%s failed %d request(s) in flight", w.model_id, w.pid, n)
@@ -116,10 +148,12 @@ def on_exited(core: c.Core, e: Exited) -> None:
         spare.lost(core, w, 0 if asked else 30)
     else:
         core.fx.emit((ev.WorkerStopped if asked else ev.WorkerCrashed)(
-            model=w.model_id, pid=w.pid, reason=reason, returncode=e.returncode))
+            model=w.model_id, pid=w.pid, reason=detail, returncode=e.returncode))
         slot = core.slots.get(w.model_id)
         if slot is not None and slot.worker is w:
             _after_exit(core, slot, w, reason, asked, was_loading)
+            if not asked:
+                slot.last_detail = detail
     admission.retry(core)
     admin.check_shutdown(core)
 
@@ -133,7 +167,8 @@ def _after_exit(core: c.Core, slot: Slot, w: Worker, reason: str, asked: bool,
     if was_loading and not asked:
         # A failed load is deterministic more often than not: tell the waiters now.
         c.fail_waiters(slot, APIError(
-            503, f"model {w.model_id!r} failed to load: {reason}", code="model_failed",
+            503, f"model {w.model_id!r} failed to load: {reason.removeprefix('load failed: ')}",
+            code="model_failed",
             retry_after=max(1.0, slot.failed_until - core.now())))
     elif not core.closing and (slot.waiters or slot.load_waiters or slot.pinned):
         err = c.failed_error(core, slot)

@@ -87,7 +87,8 @@ class Slot:
     state: SlotState = SlotState.COLD
     failed_until: float = 0.0  # monotonic; FAILED until then
     respawn_at: float = 0.0  # monotonic; BACKING_OFF until then
-    last_error: str | None = None
+    last_error: str | None = None  # the concise cause, for API clients
+    last_detail: str | None = None  # with the worker's stderr tail, for /admin/* and the logs
     last_used_wall: float | None = None  # wall clock of the last grant or release, for display
     loads: int = 0
     last_turn: float = float("-inf")  # monotonic: when its last worker became ready (turn order)

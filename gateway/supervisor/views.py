@@ -41,6 +41,8 @@ def snapshot(sup: Core, started: float) -> dict[str, Any]:
     return {
         "pid": os.getpid(), "uptime": time.time() - started, "budget_bytes": sup.budget,
         "used_bytes": sup.used_bytes(), "max_models": sup.max_models, "workers": workers,
+        "last_errors": {m: s.last_detail or s.last_error for m, s in sup.slots.items()
+                        if s.last_error or s.last_detail},
     }
 
 def model_info(sup: Core, model_id: str) -> dict[str, Any]:

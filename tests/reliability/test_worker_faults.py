@@ -23,6 +23,7 @@ from ._kit import (
     hot,
     log_has,
     model_info,
+    ps,
     stream_request,
     wait_for,
 )
@@ -157,7 +158,8 @@ def test_crash_at_every_load_is_marked_failed_with_backoff_not_a_respawn_loop() 
         first = c.post(url, json=chat_body("bad"))
         assert first.status_code == 503
         msg = first.json()["error"]["message"]
-        assert "failed to load" in msg and "last stderr" in msg and "FAKE_CRASH_AT_LOAD" in msg, msg
+        assert "failed to load" in msg and "exited with code 1" in msg, msg
+        assert "last stderr" not in msg and "FAKE_CRASH_AT_LOAD" not in msg, msg  # admin only
         statuses, messages = [], []
         t_end = time.monotonic() + 3.0
         while time.monotonic() < t_end:
@@ -171,8 +173,29 @@ def test_crash_at_every_load_is_marked_failed_with_backoff_not_a_respawn_loop() 
         assert sum("backing off" in m for m in messages) >= len(messages) - 2, messages[:3]
         info = model_info(srv, "bad")
         assert info["loads"] == 2, info  # max_crashes spawns, then backoff: no respawn loop
-        assert info["state"] == "failed" and "FAKE_CRASH_AT_LOAD" in (info["last_error"] or "")
+        assert info["state"] == "failed" and "exited with code 1" in (info["last_error"] or "")
+        assert "FAKE_CRASH_AT_LOAD" in ps(srv)["last_errors"]["bad"]  # the stderr tail, for operators
         assert c.post(url, json=chat_body("good")).status_code == 200
+    assert srv.orphans == []
+
+
+def test_api_errors_carry_the_cause_never_stderr_tracebacks_or_paths() -> None:
+    """A load that raises: clients get 'model ... failed to load: <the cause>' with paths cut to
+    their last part; the traceback and the full paths are in /admin/ps and the log only."""
+    why = "invalid safetensors header in /srv/secret/install/models/bad/model.safetensors"
+    with ServerProcess({"bad": fake(FAKE_LOAD_FAIL=why)}) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("bad"), timeout=30)
+        assert r.status_code == 503
+        msg = r.json()["error"]["message"]
+        assert msg == "model 'bad' failed to load: RuntimeError: invalid safetensors header in " \
+            "model.safetensors", msg
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
+                          json=chat_body("bad", stream=True)) as s:
+            body = s.read().decode()
+        for text in (body, str(model_info(srv, "bad"))):
+            assert "/srv/secret" not in text and "Traceback" not in text and "stderr" not in text, text
+        assert "/srv/secret/install" in ps(srv)["last_errors"]["bad"]
+        assert "Traceback" in srv.log()
     assert srv.orphans == []
 
 
