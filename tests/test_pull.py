@@ -256,3 +256,49 @@ def test_cli_pull_draws_bars_on_a_terminal_is_quiet_when_piped_and_rm_takes_it_a
         assert (cache / "models--test-org--tiny-llama-b").is_dir()  # the same commit, another repo
         assert not (srv.workdir / "models.d" / "tiny-llama.toml").exists()
         assert chat(srv.url, "second").status_code == 200  # the other pull is untouched
+
+
+def test_only_the_files_a_worker_reads_are_needed() -> None:
+    from mlx_supervisor.gateway.models.hub import needed
+
+    wanted = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+              "generation_config.json", "modules.json", "1_Pooling/config.json", "vocab.json",
+              "merges.txt"]
+    unwanted = ["README.md", "pytorch_model.bin", "model.gguf", "original/consolidated.safetensors",
+                "original/params.json", ".gitattributes", "flax_model.msgpack", "onnx/model.onnx",
+                "figures/benchmark.png", "LICENSE"]
+    assert [f for f in wanted if not needed(f)] == []
+    assert [f for f in unwanted if needed(f)] == []
+
+
+def test_cli_pull_add_rm_without_a_gateway_work_on_the_files(hub_root: Path, tmp_path: Path) -> None:
+    cache, home = tmp_path / "cache", tmp_path / "home"
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text(f'run_dir = "{home / "run"}"\nport = 1\n')  # nothing listens there
+    with HubProcess(hub_root) as hub:
+        env = {**os.environ, **hub.env(cache)}
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "mlx_supervisor.gateway.cli", "--config",
+                                   str(config), *args], env=env, capture_output=True, text=True, timeout=120)
+
+        r = run("pull", REPO, "--as", "local")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"pulled {REPO}@") and "no gateway running" in r.stdout
+        assert r.stderr == ""  # piped: no bars anywhere
+        assert 'repo = "test-org/tiny-llama"' in (home / "models.d" / "local.toml").read_text()
+        r = run("config", "check")
+        assert r.returncode == 0 and "ok (1 model(s))" in r.stdout, r.stdout + r.stderr
+        r = run("add", "again", "--repo", REPO, "--ttl", "60")
+        assert r.returncode == 0 and "again.toml" in r.stdout, r.stderr
+        r = run("rm", "local", "--delete-files")  # another entry still serves the repo
+        assert r.returncode == 1 and "still served as again" in r.stderr
+        assert (home / "models.d" / "local.toml").exists()
+        assert run("rm", "again").returncode == 0
+        r = run("rm", "local", "--delete-files")
+        assert r.returncode == 0 and "deleted test-org/tiny-llama" in r.stdout, r.stderr
+        assert sorted(p.name for p in (home / "models.d").iterdir()) == []
+        assert not (cache / "models--test-org--tiny-llama").exists()
