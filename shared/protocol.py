@@ -196,6 +196,8 @@ class Done(Base, tag="done"):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    stop_sequence: str | None = None
+    """The stop string that ended the text (finish_reason "stop"); None for EOS."""
 
 
 class Embeddings(Base, tag="embeddings"):

@@ -138,3 +138,37 @@ def test_image_blocks_reach_a_vision_model_as_in_chat_and_responses(vlm_model_di
             {"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]})
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     assert s.orphans == []
+
+
+def test_a_stop_sequence_ends_the_text_and_is_named(client: anthropic.Anthropic) -> None:
+    full = client.messages.create(model="demo", max_tokens=16, extra_body=T0, messages=MSGS)  # type: ignore[arg-type]
+    text = full.content[0].text  # type: ignore[union-attr]
+    assert len(text) > 8, text
+    word = text[len(text) // 2:len(text) // 2 + 3]
+    cut = client.messages.create(model="demo", max_tokens=16, extra_body=T0, messages=MSGS,  # type: ignore[arg-type]
+                                 stop_sequences=["\u0000never", word])
+    assert cut.content[0].text == text[:text.find(word)]  # type: ignore[union-attr]
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == word
+    with client.messages.stream(model="demo", max_tokens=16, extra_body=T0, messages=MSGS,  # type: ignore[arg-type]
+                                stop_sequences=[word]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == word
+    if full.stop_reason == "end_turn":  # EOS is not a stop sequence
+        assert full.stop_sequence is None
+
+
+def test_a_stop_sequence_that_is_one_token_is_named_too(client: anthropic.Anthropic, srv: ServerProcess) -> None:
+    # A stop word whose token ids are generated is caught by the token-level check first.
+    oa = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    c = oa.chat.completions.create(model="demo", max_tokens=16, temperature=0, logprobs=True, messages=MSGS)  # type: ignore[arg-type]
+    tokens = [lp.token for lp in c.choices[0].logprobs.content]  # type: ignore[union-attr]
+    text = "".join(tokens)
+    k = next(i for i in range(1, len(tokens)) if len(tokens[i]) >= 2
+             and text.find(tokens[i]) == len("".join(tokens[:i])))
+    cut = client.messages.create(model="demo", max_tokens=16, extra_body=T0, messages=MSGS,  # type: ignore[arg-type]
+                                 stop_sequences=[tokens[k]])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == tokens[k]
+    assert cut.content[0].text == "".join(tokens[:k])  # type: ignore[union-attr]
+    chat = oa.chat.completions.create(model="demo", max_tokens=16, temperature=0, messages=MSGS,  # type: ignore[arg-type]
+                                      stop=[tokens[k]])
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].stop_reason == tokens[k]  # type: ignore[attr-defined]

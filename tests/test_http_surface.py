@@ -127,3 +127,12 @@ def test_anthropic_error_types_follow_the_status() -> None:
             413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
     for status, kind in want.items():
         assert APIError(status, "m").anthropic_body() == {"type": "error", "error": {"type": kind, "message": "m"}}
+
+
+def test_the_fake_worker_names_its_stop_string_too(srv: ServerProcess) -> None:
+    r = httpx.post(srv.url + "/v1/messages", headers={"x-api-key": KEY}, json={
+        "model": "f", "max_tokens": 8, "stop_sequences": ["tok3", "tok2"],
+        "messages": [{"role": "user", "content": "hi"}]})
+    body = r.json()
+    assert body["content"][0]["text"] == "tok0 tok1 "
+    assert body["stop_reason"] == "stop_sequence" and body["stop_sequence"] == "tok2"

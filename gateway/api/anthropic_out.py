@@ -62,7 +62,7 @@ def message(body: dict[str, Any], run: Run, shape: Shape) -> dict[str, Any]:
     for tc in msg.get("tool_calls") or []:
         content.append({"type": "tool_use", "id": tc["id"], "name": tc["function"]["name"],
                         "input": _input(tc["function"]["arguments"])})
-    reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_sequence"))
+    reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_reason"))
     return {"id": "msg_" + run.msg.id, "type": "message", "role": "assistant", "model": shape.model,
             "content": content, "stop_reason": reason, "stop_sequence": seq, "usage": usage(run)}
 
@@ -144,7 +144,7 @@ async def events(run: Run, shape: Shape) -> AsyncIterator[bytes]:
         if choice.get("finish_reason") is not None:
             for ev in blocks.close():
                 yield ev
-            reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_sequence"))
+            reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_reason"))
             yield _event("message_delta", {"type": "message_delta",
                                            "delta": {"stop_reason": reason, "stop_sequence": seq},
                                            "usage": usage(run)})

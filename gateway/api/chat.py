@@ -158,8 +158,11 @@ async def chat_choices(run: Run, logprobs: bool = False) -> AsyncIterator[dict[s
                 lp = None
             calls += len(msg.tool_calls)
         elif isinstance(msg, p.Done):
-            yield {"index": 0, "delta": {"role": "assistant", "content": ""} if first else {},
+            end = {"index": 0, "delta": {"role": "assistant", "content": ""} if first else {},
                    "logprobs": None, "finish_reason": msg.finish_reason}
+            if msg.stop_sequence is not None:
+                end["stop_reason"] = msg.stop_sequence
+            yield end
         elif isinstance(msg, p.Error):
             yield error_body(msg)
 
@@ -170,7 +173,7 @@ async def chat_body(run: Run, model: str, logprobs: bool = False) -> dict[str, A
     thinking: list[str] = []
     calls: list[p.ToolCall] = []
     lps: list[p.TokenLogprob] = []
-    finish = "stop"
+    finish, stop_sequence = "stop", None
     async for msg in run.messages():
         if isinstance(msg, p.Chunk):
             parts.append(msg.text)
@@ -179,7 +182,7 @@ async def chat_body(run: Run, model: str, logprobs: bool = False) -> dict[str, A
             if msg.logprobs:
                 lps.extend(msg.logprobs)
         elif isinstance(msg, p.Done):
-            finish = msg.finish_reason
+            finish, stop_sequence = msg.finish_reason, msg.stop_sequence
         elif isinstance(msg, p.Error):
             raise APIError(msg.status, msg.message, code=msg.code, param=msg.param)
     text = "".join(parts)
@@ -191,5 +194,7 @@ async def chat_body(run: Run, model: str, logprobs: bool = False) -> dict[str, A
     choice: dict[str, Any] = {"index": 0, "message": message,
                               "logprobs": {"content": chat_logprobs(lps)} if logprobs else None,
                               "finish_reason": finish}
+    if stop_sequence is not None:  # vLLM's name for it: the stop string that ended the text
+        choice["stop_reason"] = stop_sequence
     return {"id": "chatcmpl-" + run.msg.id, "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": usage(run)}

@@ -174,6 +174,10 @@ class TokenStep:
         self.logprobs: list[TokenLogprob] = []
         self.tool_text = ""
         self.called = False
+        self._stops = stops
+        self._keep = max((len(w) for w in stops), default=0)
+        self._tail = ""  # the last raw text, enough to name the stop string that matches
+        self.stop_sequence: str | None = None
 
     @property
     def stopped(self) -> bool:
@@ -209,7 +213,12 @@ class TokenStep:
             return text, "", []
         if self.stopped:
             return "", "", []
+        tail = self._tail + text if self._keep else ""
         self._state, segments = self._sm.split(self._state, text)
+        if self._state[0] is None and self._keep:  # a stop string ends the text consumed so far
+            seen = tail[:len(tail) - len(self._state[3])]
+            self.stop_sequence = max((w for w in self._stops if seen.endswith(w)), key=len, default=None)
+        self._tail = tail[-self._keep:] if self._keep else ""
         if flush and self._state[0] is not None:
             self._state, rest, state = self._sm.flush(self._state)
             segments.append((state, rest))

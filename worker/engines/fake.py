@@ -174,8 +174,8 @@ class FakeEngine:
             r.produced += 1
             r.pending_tokens += 1
             finish = "length" if r.produced >= r.max_tokens else None
-            cut = min((i for i in (r.text.find(s, max(0, r.sent - len(s))) for s in r.stop)
-                       if i >= 0), default=-1)
+            found = [(i, s) for s in r.stop if (i := r.text.find(s, max(0, r.sent - len(s)))) >= 0]
+            cut, word = min(found) if found else (-1, None)
             if cut >= 0:
                 end, finish = cut, "stop"
             elif finish:
@@ -189,7 +189,7 @@ class FakeEngine:
                 del self.active[r.id]
                 self.finished += 1
                 emit(Done(id=r.id, finish_reason=finish, prompt_tokens=r.prompt_tokens,
-                          completion_tokens=r.produced))
+                          completion_tokens=r.produced, stop_sequence=word))
 
     def memory(self) -> Memory:
         active = self.base_memory + self.growth * self.finished

@@ -286,7 +286,8 @@ class LMEngine:
                 self.prompt_cache.insert_cache(self.key, list(r.all_tokens), r.prompt_cache)
             self._forget(st)
             emit(Done(id=st.req.id, finish_reason=finish, prompt_tokens=st.prompt_tokens,
-                      completion_tokens=st.completion, cached_tokens=st.cached_tokens))
+                      completion_tokens=st.completion, cached_tokens=st.cached_tokens,
+                      stop_sequence=st.out.stop_sequence))
         if stopped_by_text and solo is not None:
             cache, tokens = solo.end()
             self.prompt_cache.insert_cache(self.key, tokens, cache)
@@ -309,15 +310,17 @@ class LMEngine:
         st.here += 1
         finish = r.finish_reason
         logprob = None
-        if finish == "stop":  # the stop token itself (EOS or a stop word's last) is not text
+        eos = finish == "stop" and r.token in self.tokenizer.eos_token_ids
+        if eos:  # EOS is not text
             st.detok.finalize()
         else:
+            # A stop word's last token (matched by token ids) goes through the text check too,
+            # which drops the word and names it (Done.stop_sequence).
             st.detok.add_token(r.token)
-            if finish == "length":
+            if finish is not None:
                 st.detok.finalize()
-            if st.req.logprobs:
+            if st.req.logprobs and finish != "stop":
                 logprob = token_logprob(self.tokenizer, r.logprobs, r.token, st.req.top_logprobs)
-        eos = finish == "stop" and r.token in self.tokenizer.eos_token_ids
         return st.out.take(st.detok.last_segment, emit, tokens=0 if finish == "stop" else 1,
                            logprob=logprob, finish=finish, flush=finish == "length" or eos)
 

@@ -290,7 +290,7 @@ class ShardedEngine:
             cur.it.close()
             self.cur = None
             emit(Done(id=cur.req.id, finish_reason=str(finish), prompt_tokens=cur.prompt_tokens,
-                      completion_tokens=int(r.generation_tokens)))
+                      completion_tokens=int(r.generation_tokens), stop_sequence=cur.out.stop_sequence))
             if not self.queue:
                 mx.clear_cache()
 

@@ -226,7 +226,7 @@ class VLMEngine:
         if finish is not None:
             self._finish_generator()
             emit(Done(id=st.req.id, finish_reason=finish, prompt_tokens=st.prompt_tokens,
-                      completion_tokens=st.completion))
+                      completion_tokens=st.completion, stop_sequence=st.out.stop_sequence))
 
     def _start(self, q: _Queued, emit: Emit) -> bool:
         """Build the inputs and the generator; False (after an Error) if the request fails."""
