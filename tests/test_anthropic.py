@@ -108,6 +108,9 @@ def test_errors_are_anthropic_shaped(client: anthropic.Anthropic, srv: ServerPro
     r = httpx.post(srv.url + "/v1/messages", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "demo", "max_tokens": 2, "messages": [{"role": "system", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/messages", headers={"x-api-key": KEY}, json={
+        "model": "demo", "max_tokens": 2, "messages": [*MSGS, {"role": "assistant", "content": "Once"}]})
+    assert r.status_code == 400 and "prefill" in r.json()["error"]["message"]
 
 
 def test_image_blocks_reach_a_vision_model_as_in_chat_and_responses(vlm_model_dir: Path) -> None:

@@ -76,6 +76,7 @@ def test_unknown_routes_and_wrong_methods_are_json(srv: ServerProcess) -> None:
     r = httpx.get(srv.url + "/v1/chat/completions", headers=auth)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["code"] == "method_not_allowed"
+    assert r.json()["error"]["type"] == "invalid_request_error"
     # Under /v1/messages, Anthropic's shape.
     r = httpx.get(srv.url + "/v1/messages", headers={"x-api-key": KEY})
     assert r.status_code == 405 and r.headers["allow"] == "POST"

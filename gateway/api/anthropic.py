@@ -185,6 +185,9 @@ def to_chat(req: CountTokensRequest, **sampling: Any) -> t.ChatRequest:
         msgs += _message(m, i)
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
+    if req.messages[-1].role == "assistant":  # as Anthropic answers for models without prefill
+        raise bad_request("prefill is not supported: the last message must be a user message",
+                          f"messages[{len(req.messages) - 1}].role", code="unsupported_value")
     body = {"model": req.model, "messages": msgs, **_tools(req), **_output(req), **sampling}
     missing = [k for k in body if k not in t.ChatRequest.__struct_fields__]
     if missing or any("tool_calls" in m or m["role"] == "tool" for m in msgs) and \
