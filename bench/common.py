@@ -196,7 +196,7 @@ def wait_spare(url: str, timeout: float = 120) -> float:
         with contextlib.suppress(httpx.HTTPError, ValueError):
             ps = httpx.get(url + "/admin/ps", timeout=2).json()
             for w in ps.get("workers", []):
-                if w.get("spare") and w.get("state") == "loading":
+                if w.get("spare") and w.get("state") in ("idle", "loading"):
                     return time.monotonic() - t0
         time.sleep(0.05)
     raise RuntimeError("the warm spare did not become ready")
@@ -405,3 +405,14 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(Exception):
         info.update(inproc("info"))
     return info
+
+
+def figure(name: str, value: float, baseline: float, unit: str, better: str, baseline_name: str,
+           target: str | None = None, passed: bool | None = None, **extra: Any) -> dict[str, Any]:
+    return {"figure": name, "value": round(value, 3), "baseline": round(baseline, 3),
+            "ratio": ratio(value, baseline), "unit": unit, "better": better,
+            "baseline_name": baseline_name, "target": target, "pass": passed, **extra}
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)

@@ -1,7 +1,8 @@
 """In-process baselines, each run in a fresh process by the bench runner (which never imports mlx).
 
 ``python -m bench.inproc info`` | ``build DIR --seed N --size tiny|large`` |
-``decode DIR --max-tokens N --reps R --mode stream|batch|engine [--serve]`` | ``cold DIR`` | ``fake --n N``. Each prints one JSON line.
+``decode DIR --max-tokens N --reps R --mode stream|batch|engine [--serve]`` | ``cold DIR`` |
+``swap DIR DIR DIR --trace T --max-tokens N --slots K`` | ``fake --n N``. Each prints one JSON line.
 """
 
 from __future__ import annotations
@@ -184,6 +185,33 @@ def _cold(d: Path, prompt: str) -> dict[str, Any]:
             "load_first_token_s": t3 - t1}
 
 
+def _swap(dirs: dict[str, Path], trace: str, max_tokens: int, slots: int, prompt: str
+          ) -> dict[str, Any]:
+    """The swap floor: imports done, then the trace served in this process, ``slots`` models
+    kept (LRU), a miss loads with ``mlx_lm.load`` and frees the least recently used."""
+    from collections import OrderedDict
+
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    hot: OrderedDict[str, Any] = OrderedDict()
+    loads = 0
+    t0 = time.perf_counter()
+    for m in trace:
+        if m in hot:
+            hot.move_to_end(m)
+        else:
+            while len(hot) >= slots:
+                hot.popitem(last=False)
+                mx.clear_cache()
+            hot[m] = mlx_lm.load(str(dirs[m]))
+            loads += 1
+        model, tok = hot[m][0], hot[m][1]
+        mlx_lm.generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0))
+    return {"wall_s": time.perf_counter() - t0, "loads": loads}
+
+
 def _fake(n: int) -> dict[str, Any]:
     """The fake worker's own time for one max_tokens=1 request: submit, one step, Done."""
     from mlx_supervisor.shared.protocol import Generate, encode
@@ -223,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--serve", action="store_true", help="one run per stdin line")
     c = sub.add_parser("cold")
     c.add_argument("dir")
+    sw = sub.add_parser("swap")
+    sw.add_argument("dirs", nargs=3)
+    sw.add_argument("--trace", default="abacbcabcaab")
+    sw.add_argument("--max-tokens", type=int, default=8)
+    sw.add_argument("--slots", type=int, default=2)
     f = sub.add_parser("fake")
     f.add_argument("--n", type=int, default=2000)
     a = ap.parse_args(argv)
@@ -237,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         res = _decode(Path(a.dir), a.max_tokens, a.reps, PROMPT, a.mode)
     elif a.cmd == "cold":
         res = _cold(Path(a.dir), PROMPT)
+    elif a.cmd == "swap":
+        res = _swap(dict(zip("abc", map(Path, a.dirs), strict=True)), a.trace, a.max_tokens,
+                    a.slots, PROMPT)
     else:
         res = _fake(a.n)
     print(json.dumps(res))

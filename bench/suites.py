@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from bench import swap_speed
 from bench.common import (
     PY,
     ROOT,
@@ -25,8 +25,10 @@ from bench.common import (
     InprocLoop,
     MLXLMServer,
     Settings,
+    _run,
     completion_body,
     concurrent,
+    figure,
     gateway,
     inproc,
     median,
@@ -35,20 +37,7 @@ from bench.common import (
     ratio,
     request,
     started,
-    wait_spare,
-    wait_unloaded,
 )
-
-
-def figure(name: str, value: float, baseline: float, unit: str, better: str, baseline_name: str,
-           target: str | None = None, passed: bool | None = None, **extra: Any) -> dict[str, Any]:
-    return {"figure": name, "value": round(value, 3), "baseline": round(baseline, 3),
-            "ratio": ratio(value, baseline), "unit": unit, "better": better,
-            "baseline_name": baseline_name, "target": target, "pass": passed, **extra}
-
-
-def _run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def _lm_models(path: Path, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -187,118 +176,6 @@ def throughput(s: Settings) -> dict[str, Any]:
                                          "max_tokens": _throughput_tokens(s), "requests_per_stream": s.pick(1, 2)}}
 
 
-# ---------------------------------------------------------------- cold start
-
-
-def _cold_ttfts(s: Settings, path: Path, spare: bool, reps: int) -> tuple[list[float], list[float]]:
-    models = {"m": {"path": str(path), "kind": "lm"}}
-    ttfts, waits = [], []
-    with started(gateway(models, {"warm_spare": spare})) as srv:
-        for _ in range(reps):
-            if spare:
-                waits.append(wait_spare(srv.url))
-            r = _run(request(srv.port, "/v1/completions", completion_body("m", 1)))
-            if r.status != 200:
-                raise RuntimeError(f"cold request failed: {r.status} {r.error}")
-            ttfts.append(r.ttft)
-            httpx.post(srv.url + "/admin/models/m/unload", timeout=30)
-            wait_unloaded(srv.url, "m")
-    return ttfts, waits
-
-
-def cold(s: Settings) -> dict[str, Any]:
-    """TTFT of a request for a cold model through the gateway, with and without the warm spare,
-    ÷ ``mlx_lm.load`` + first token in a process that has already imported mlx_lm."""
-    path = model_dir(s)
-    reps = s.pick(2, 4)
-    inproc("cold", str(path))  # discarded: MLX's CUDA backend fills its kernel cache on disk here
-    base_runs = [inproc("cold", str(path)) for _ in range(reps)]
-    base = median([b["load_first_token_s"] for b in base_runs])
-    fresh = median([b["import_s"] + b["load_first_token_s"] for b in base_runs])
-    spare, waits = _cold_ttfts(s, path, True, reps)
-    nospare, _ = _cold_ttfts(s, path, False, reps)
-    sp, ns = median(spare), median(nospare)
-    overhead = (sp - base) * 1e3
-    return {"figures": [
-        figure("cold TTFT, warm spare", sp * 1e3, base * 1e3, "ms", "lower",
-               "mlx_lm.load + first token in-process (imports done)",
-               target="overhead <= 150 ms", passed=overhead <= 150, overhead_ms=round(overhead, 1)),
-        figure("cold TTFT, no spare", ns * 1e3, base * 1e3, "ms", "lower",
-               "mlx_lm.load + first token in-process (imports done)",
-               overhead_ms=round((ns - base) * 1e3, 1)),
-        figure("cold TTFT, no spare vs fresh process", ns * 1e3, fresh * 1e3, "ms", "lower",
-               "fresh process: import mlx_lm + load + first token",
-               overhead_ms=round((ns - fresh) * 1e3, 1)),
-    ], "details": {"reps": reps, "spare_ttft_ms": [round(x * 1e3, 1) for x in spare],
-                   "nospare_ttft_ms": [round(x * 1e3, 1) for x in nospare],
-                   "inproc": [{k: round(v * 1e3, 1) for k, v in b.items()} for b in base_runs],
-                   "inproc_units": "ms", "spare_ready_wait_s": [round(w, 2) for w in waits]}}
-
-
-# ---------------------------------------------------------------- swap trace
-
-
-TRACE = "abacbcabcaab"
-
-
-def swap(s: Settings) -> dict[str, Any]:
-    """Requests alternating over 3 models under a budget that holds 2 (plus the warm spare),
-    through the gateway ÷ the same trace against mlx_lm.server restarted at every model switch."""
-    # Three catalog entries, three directories: copies of one model (the weights do not matter
-    # to a swap, and building a large model three times would cost minutes).
-    first = model_dir(s)
-    paths = {"a": first}
-    for k in "bc":
-        paths[k] = first.with_name(f"{first.name}-swap-{k}")
-        if not (paths[k] / ".bench-complete").exists():
-            shutil.rmtree(paths[k], ignore_errors=True)
-            shutil.copytree(first, paths[k])
-    trace = TRACE[:s.pick(6, 12)]
-    max_tokens = s.pick(8, 16)
-    models = {k: {"path": str(p), "kind": "lm", "memory": "1GB"} for k, p in paths.items()}
-    lat: list[float] = []
-    with started(gateway(models, {"memory_budget": "2.5GB", "warm_spare": True})) as srv:
-        wait_spare(srv.url)
-        t0 = time.perf_counter()
-        for m in trace:
-            r = _run(request(srv.port, "/v1/completions", completion_body(m, max_tokens, stream=False)))
-            if r.status != 200:
-                raise RuntimeError(f"swap request failed: {r.status} {r.error}")
-            lat.append(r.t_end - r.t_sent)
-        gw_wall = time.perf_counter() - t0
-        loads = {m: httpx.get(srv.url + f"/v1/models/{m}").json().get("loads") for m in "abc"}
-    base_lat: list[float] = []
-    restarts = 0
-    current: str | None = None
-    ml: MLXLMServer | None = None
-    t0 = time.perf_counter()
-    try:
-        for m in trace:
-            t1 = time.perf_counter()
-            if m != current:
-                if ml is not None:
-                    ml.stop()
-                ml = MLXLMServer(paths[m]).start()
-                current = m
-                restarts += 1
-            assert ml is not None
-            r = _run(request(ml.port, "/v1/completions", completion_body("default_model", max_tokens,
-                                                                       stream=False)))
-            if r.status != 200:
-                raise RuntimeError(f"mlx_lm.server swap request failed: {r.status} {r.error}")
-            base_lat.append(time.perf_counter() - t1)
-    finally:
-        if ml is not None:
-            ml.stop()
-    base_wall = time.perf_counter() - t0
-    return {"figures": [figure(f"swap trace ({len(trace)} requests, 3 models, budget holds 2)",
-                               gw_wall, base_wall, "s", "lower",
-                               "mlx_lm.server restarted per model switch")],
-            "details": {"trace": trace, "max_tokens": max_tokens, "gateway_latency_s": [round(x, 3) for x in lat],
-                        "baseline_latency_s": [round(x, 3) for x in base_lat],
-                        "gateway_loads": loads, "baseline_restarts": restarts}}
-
-
 # ---------------------------------------------------------------- gateway alone (fake worker)
 
 
@@ -399,5 +276,6 @@ def ledger_overhead(s: Settings) -> dict[str, Any] | None:
     return {"figures": figs, "details": {"result": res, "command": " ".join(cmd[1:])}}
 
 
-SUITES = {"decode": decode, "throughput": throughput, "cold": cold, "swap": swap,
+SUITES = {"decode": decode, "throughput": throughput, "cold": swap_speed.cold,
+          "swap": swap_speed.swap,
           "gateway_alone": gateway_alone, "ledger_overhead": ledger_overhead}

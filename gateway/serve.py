@@ -31,7 +31,9 @@ from mlx_supervisor.gateway.api.app import create_app
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.gateway.logs import setup_logging
+from mlx_supervisor.gateway.supervisor import forkserver
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
+from mlx_supervisor.gateway.supervisor.spare import ExecLauncher, Launcher
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import (
     Config,
@@ -119,12 +121,27 @@ def build_gateway(cfg: Config) -> tuple[Gateway, list[str]]:
     run_dir = paths.ensure_private_dir(Path(cfg.run_dir).expanduser() if cfg.run_dir else paths.run_dir())
     clear_stale_sockets(run_dir)
     endpoint = f"ipc://{run_dir}/gw-{os.getpid()}.sock"
-    sup = Supervisor(cfg, entries, aliases, budget, endpoint)
+    sup = Supervisor(cfg, entries, aliases, budget, endpoint, launcher=_launcher(cfg, endpoint))
     gw = Gateway(cfg, sup)
     gw.warnings.extend(warnings)
     for plugin in PLUGINS:
         plugin(gw)
     return gw, warnings
+
+
+def _launcher(cfg: Config, endpoint: str) -> Launcher:
+    """How workers are obtained: forked from a zygote on Linux (``fork_server``), else fresh
+    interpreters (see gateway/supervisor/SUPERVISOR.md, "Obtaining a worker")."""
+    fresh = ExecLauncher(cfg, endpoint)
+    if not cfg.fork_server:
+        return fresh
+    if not forkserver.supported():
+        log.info("fork_server is ignored on %s (forking after the Metal frameworks load is "
+                 "unsafe): workers start as fresh interpreters", sys.platform)
+        return fresh
+    return forkserver.ForkLauncher(fresh, endpoint, cfg.heartbeat_interval,
+                                   max(30.0, cfg.heartbeat_timeout * 3), cfg.allow_download,
+                                   cfg.load_timeout)
 
 
 # Optional features (metrics, images, ledger, status page) attach themselves to the gateway here.

@@ -121,6 +121,10 @@ class Config(Strict):
     max_crashes: int = 3
     crash_window: float = 60.0
     warm_spare: bool = True
+    fork_server: bool = True
+    """Linux: fork workers from a zygote that has imported the MLX stack (ignored on macOS)."""
+    learned_headroom: float = 0.25
+    """Growth allowed on a model's measured footprint when it replaces the estimate; 0: off."""
     discover_hf_cache: bool = False
     allow_download: bool = False
     log_format: Literal["text", "json"] = "text"

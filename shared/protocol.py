@@ -280,6 +280,9 @@ class ZygoteHello(Base, tag="zygote_hello"):
     import_seconds: float
     threads: int
     rss: int = 0
+    cuda: bool = False
+    """The CUDA driver is loaded (MLX's CUDA backend makes its context at import): the zygote
+    refuses to fork, and the gateway stops it and spawns fresh interpreters instead."""
 
 
 class Forked(Base, tag="forked"):

@@ -528,3 +528,34 @@ async def test_the_real_loop_survives_an_unknown_event(tmp_path: Any) -> None:
         assert e.value.status == 404  # answered: the loop outlived the bad event
     finally:
         await sup.shutdown(0)
+
+
+# ---------------------------------------------------------------- learned admission
+
+
+@pytest.mark.parametrize("headroom", [0.25, 0.0])
+def test_a_learned_footprint_changes_a_later_admission(make: Any, headroom: float) -> None:
+    """a's weights suggest 400 MB but it measured 100 MB: its next admission needs 125 MB
+    (with 25% headroom) and fits beside b, where the estimate would have evicted b."""
+    sim = make(entry("a", 400 * MB), entry("b", 400 * MB), budget=600 * MB,
+               learned_headroom=headroom)
+    sim.acquire("a")
+    sim.boot("a", footprint=100 * MB)
+    sim.release(sim.lease("a"))
+    first = sim.worker("a")
+    sim.send(UnloadCmd("a", sim.future()))
+    sim.exit(first)
+    assert sim.core.slots["a"].learned == (125 * MB if headroom else 0)
+    sim.acquire("b")
+    sim.boot("b", footprint=400 * MB)
+    sim.release(sim.lease("b"))
+    sim.acquire("a")
+    b = sim.worker("b")
+    if headroom:
+        again = sim.worker("a")
+        assert again is not first and again.estimate == 125 * MB  # charged the learned figure
+        assert b.state is State.READY and sim.fx.did("stop") == [first.worker_id]
+        assert sim.core.used_bytes() <= sim.core.budget
+    else:
+        assert b.state is State.STOPPING  # the estimate does not fit beside b
+        assert sim.core.slots["a"].state is SlotState.PENDING

@@ -78,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     for kind in filter(None, args.kinds.split(",")):
         preload(kind, start_device=False)
     took = time.monotonic() - t0
-    threads = _threads()
+    threads, cuda = _threads(), _cuda_loaded()
     ctl = socket.socket(fileno=args.control_fd)
     ctl.send(encode(ZygoteHello(pid=os.getpid(), import_seconds=took, threads=threads,
-                                rss=_rss())))
-    log.info("imports for %s done in %.2fs (%d threads); ready to fork", args.kinds, took, threads)
-    return _serve(ctl, parent)
+                                rss=_rss(), cuda=cuda)))
+    if cuda:
+        log.warning("the CUDA driver is loaded after the imports (a CUDA context exists): "
+                    "refusing to fork")
+    else:
+        log.info("imports for %s done in %.2fs (%d threads); ready to fork", args.kinds, took,
+                 threads)
+    return _serve(ctl, parent, cuda)
 
 
-def _serve(ctl: socket.socket, parent: process_guard.ParentWatch) -> int:
+def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) -> int:
     ctl.settimeout(1.0)
     while True:
         try:
@@ -109,8 +114,11 @@ def _serve(ctl: socket.socket, parent: process_guard.ParentWatch) -> int:
         if isinstance(msg, Shutdown):
             log.info("shutdown requested; exiting")
             return 0
-        if not fds:
-            ctl.send(encode(ForkFailed(worker_id=msg.worker_id, reason="no stderr fd")))
+        if not fds or cuda:
+            reason = "a CUDA context exists in the zygote" if cuda else "no stderr fd"
+            ctl.send(encode(ForkFailed(worker_id=msg.worker_id, reason=reason)))
+            for fd in fds:
+                os.close(fd)
             continue
         try:
             pid = _fork(ctl, msg, fds[0], parent.original)
@@ -192,6 +200,16 @@ def _reseed() -> None:
         import mlx.core as mx
 
         mx.random.seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _cuda_loaded() -> bool:
+    """libcuda is mapped: on MLX's CUDA backend ``import mlx.core`` creates a context (seen on
+    an H200 with mlx-cuda-13 0.32.4), and a context does not survive a fork."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "libcuda.so" in f.read()
+    except OSError:
+        return False
 
 
 def _threads() -> int:

@@ -34,8 +34,11 @@ def _holder(core: c.Core, w: Worker) -> Holder:
 def holders(core: c.Core, exclude: str) -> list[Holder]:
     out = [_holder(core, w) for w in core.workers.values()]
     # Admissions already waiting for reaps hold a reservation nobody may take.
-    out += [Holder(s.entry.id + "#reserved", s.entry.estimate, 0.0, busy=True)
+    out += [Holder(s.entry.id + "#reserved", s.need, 0.0, busy=True)
             for s in core.slots.values() if s.pending and s.entry.id != exclude]
+    held = core.held()  # the zygote: charged, never evicted for a model
+    if held:
+        out.append(Holder("(zygote)", held, -2.0, pinned=True))
     return out
 
 
@@ -56,7 +59,7 @@ def admit(core: c.Core, slot: Slot) -> None:
         return  # already starting or hot
     if slot.respawn_at > core.now():
         return c.move_slot(slot, SlotState.BACKING_OFF, f"respawn at {slot.respawn_at:.1f}")
-    need = slot.entry.estimate
+    need = slot.need
     if need > core.budget:
         return _refuse(slot, APIError(
             503, f"model {slot.entry.id!r} needs {format_size(need)}, more than the whole memory "
@@ -96,7 +99,7 @@ def _fits_behind(core: c.Core, slot: Slot, ahead: list[Slot], plan: Plan) -> boo
         return False
     free = core.budget - core.used_bytes() - sum(h.bytes for h in holders(core, slot.entry.id)
                                                  if h.model_id.endswith("#reserved"))
-    return slot.entry.estimate + sum(s.entry.estimate for s in ahead) <= free
+    return slot.need + sum(s.need for s in ahead) <= free
 
 
 def _turn_holders(core: c.Core, exclude: str) -> list[turns.Holder]:
@@ -104,7 +107,7 @@ def _turn_holders(core: c.Core, exclude: str) -> list[turns.Holder]:
     out = [turns.Holder(h.model_id, h.bytes, _served(w, now), pinned=h.pinned, busy=h.busy,
                         stopping=h.stopping)
            for w in core.workers.values() for h in [_holder(core, w)]]
-    out += [turns.Holder(s.entry.id + "#reserved", s.entry.estimate, None)
+    out += [turns.Holder(s.entry.id + "#reserved", s.need, None)
             for s in core.slots.values() if s.pending and s.entry.id != exclude]
     return out
 
@@ -120,7 +123,7 @@ def _served(w: Worker, now: float) -> float | None:
 def _wait_for_turn(core: c.Core, slot: Slot, hs: list[Holder], ahead: list[Slot]) -> None:
     """Queue ``slot`` for a turn; the first in turn order makes the holders yield."""
     th = _turn_holders(core, slot.entry.id)
-    turn = turns.plan_turn(slot.entry.estimate, th, core.budget, core.max_models,
+    turn = turns.plan_turn(slot.need, th, core.budget, core.max_models,
                            min_turn=core.cfg.turn_seconds, drain=TURN_DRAIN)
     if not turn.fits_ever:
         return _refuse(slot, _no_room(core, slot, hs, never=True))
@@ -140,7 +143,7 @@ def _no_room(core: c.Core, slot: Slot, hs: list[Holder], never: bool = False) ->
     held = ", ".join(f"{h.model_id} {format_size(h.bytes)}"
                      + (" (pinned)" if h.pinned else " (busy)" if h.busy else "")
                      for h in hs) or "nothing"
-    need = slot.entry.estimate
+    need = slot.need
     why = " (pinned models leave too little, whatever is evicted)" if never else ""
     return APIError(
         503, f"not enough memory for model {slot.entry.id!r}{why}: needs {format_size(need)}, "
@@ -174,10 +177,11 @@ def start(core: c.Core, slot: Slot) -> None:
     e = slot.entry
     if spare.adopt(core, slot):
         return
-    w = core.new_worker(e.id, e.id, e, e.estimate, e.kind)
+    w = core.new_worker(e.id, e.id, e, slot.need, e.kind)
     slot.worker = w
     slot.loads += 1
     core.fx.emit(ev.Spawning(model=e.id))
-    log.info("model=%s spawning worker %s (estimate %s, ledger %s of %s)", e.id, w.worker_id,
-             format_size(e.estimate), format_size(core.used_bytes()), format_size(core.budget))
+    log.info("model=%s spawning worker %s (%s %s, ledger %s of %s)", e.id, w.worker_id,
+             "learned" if slot.need != e.estimate else "estimate", format_size(slot.need),
+             format_size(core.used_bytes()), format_size(core.budget))
     core.fx.spawn(w, e)

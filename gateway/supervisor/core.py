@@ -56,6 +56,8 @@ class Core:
     shutdown_deadline: float = 0.0
     shutdown_forced: bool = False  # in-flight requests ended, every worker told to stop
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    held: Callable[[], int] = lambda: 0
+    """Bytes held by processes that are not workers (the zygote: ``Launcher.held_bytes``)."""
 
     @classmethod
     def build(cls, cfg: Config, entries: dict[str, Entry], aliases: dict[str, str], budget: int,
@@ -68,7 +70,7 @@ class Core:
 
     def used_bytes(self) -> int:
         """The ledger: bytes of every process not yet reaped (measured, else estimated)."""
-        return sum(w.bytes for w in self.workers.values())
+        return sum(w.bytes for w in self.workers.values()) + self.held()
 
     def new_worker(self, model_id: str, prefix: str, e: Entry | None, estimate: int, kind: str,
                    spare: bool = False) -> Worker:

@@ -24,9 +24,11 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import psutil
 
+from mlx_supervisor.gateway.supervisor import process
 from mlx_supervisor.gateway.supervisor.process import WorkerProcess
 from mlx_supervisor.shared.protocol import (
     Fork,
@@ -235,3 +237,147 @@ class ForkServer:
         rc = await self.proc.stop(self.send_shutdown, grace)
         self._closed("the zygote stopped")
         return rc
+
+
+class ForkLauncher:
+    """The spawn seam with a zygote behind it: spares and single-process models are forked
+    (a fork and a load, no import); sharded groups, models with their own ``env`` and any
+    launch while the zygote is down go to ``fallback`` (a fresh interpreter).
+
+    The zygote is started with the supervisor, charged in the ledger (``held_bytes``),
+    restarted with backoff when it dies (the workers it forked keep running), and stopped last.
+    A launch that finds it still importing waits for it: it is ahead of any fresh interpreter.
+    """
+
+    RESTART = (1.0, 2.0, 5.0, 15.0, 60.0)  # seconds before restarting a zygote that died
+
+    def __init__(self, fallback: Any, endpoint: str, heartbeat_interval: float,
+                 gateway_timeout: float, allow_download: bool, ready_timeout: float) -> None:
+        self.fallback = fallback
+        self.allow_download = allow_download
+        self.endpoint = endpoint
+        self.heartbeat_interval = heartbeat_interval
+        self.gateway_timeout = gateway_timeout
+        self.env = process.worker_env({}, allow_download)
+        self.ready_timeout = ready_timeout
+        self.server: ForkServer | None = None
+        self.crashes = 0
+        self.forks = 0
+        self.disabled: str | None = None  # why forking is off for good (a CUDA context)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._keep(), name="zygote")
+
+    async def _keep(self) -> None:
+        """Start the zygote; when it dies unasked, log it and start another after a backoff."""
+        while not self._closing:
+            fs = ForkServer(self.env)
+            try:
+                wp = await fs.start()
+            except Exception as e:
+                log.error("zygote could not start: %s", e)
+                rc: int | None = None
+            else:
+                self.server = fs
+                if await self._unsafe(fs):
+                    return
+                rc = await wp.wait()
+                fs._closed(f"the zygote {process.describe_exit(rc)}")
+            if self._closing:
+                return
+            delay = self.RESTART[min(self.crashes, len(self.RESTART) - 1)]
+            self.crashes += 1
+            tail = " | ".join(list(fs.proc.stderr_tail)[-3:]) if fs.proc else ""
+            log.error("zygote %s; workers it forked keep running; restarting in %.0fs%s",
+                      process.describe_exit(rc) if rc is not None else "failed", delay,
+                      f"; last stderr: {tail}" if tail else "")
+            self.server = None
+            await asyncio.sleep(delay)
+
+    async def _unsafe(self, fs: ForkServer) -> bool:
+        """Once the zygote has said hello: a zygote holding a CUDA context must not fork."""
+        with contextlib.suppress(Exception):
+            await fs.ready(self.ready_timeout)
+        if fs.hello is None or not fs.hello.cuda:
+            return False
+        self.disabled = ("MLX's CUDA backend creates a CUDA context at import, and a context "
+                         "does not survive fork")
+        log.warning("fork server off: %s; workers start as fresh interpreters (warm spare)",
+                    self.disabled)
+        self.server = None
+        await fs.stop()
+        return True
+
+    def info(self) -> dict[str, object] | None:
+        fs = self.server
+        return {"pid": fs.pid if fs else None, "ready": bool(fs and fs.alive and fs.hello),
+                "bytes": self.held_bytes(), "forks": self.forks, "crashes": self.crashes,
+                "import_seconds": fs.hello.import_seconds if fs and fs.hello else None,
+                "disabled": self.disabled}
+
+    def held_bytes(self) -> int:
+        """What the ledger charges for the zygote: its RSS (its workers share its pages
+        copy-on-write, and are charged their own full footprint as well)."""
+        fs = self.server
+        return fs.rss() if fs is not None and fs.alive else 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid if self.server is not None and self.server.alive else None
+
+    async def launch(self, worker: Any, entry: Any) -> WorkerProcess:
+        fs = self.server
+        if fs is None or not fs.alive or not forkable(entry):
+            return await self.fallback.launch(worker, entry)
+        if fs.hello is None:
+            with contextlib.suppress(Exception):
+                await fs.ready(self.ready_timeout)
+        if fs.hello is None or fs.hello.cuda or not fs.alive:
+            return await self.fallback.launch(worker, entry)
+        argv = self._argv(worker, entry)
+        env = process.worker_env(entry.env if entry else {}, self.allow_download)
+        try:
+            wp = await fs.fork(worker.worker_id, argv, env, entry.id if entry else SPARE_LABEL)
+        except Exception as e:
+            log.warning("fork for %s failed (%s); starting a fresh interpreter", worker.worker_id, e)
+            return await self.fallback.launch(worker, entry)
+        self.forks += 1
+        wp.via = "fork"
+        return wp
+
+    def _argv(self, worker: Any, entry: Any) -> list[str]:
+        common = dict(endpoint=self.endpoint, worker_id=worker.worker_id,
+                      heartbeat_interval=self.heartbeat_interval,
+                      gateway_timeout=self.gateway_timeout)
+        if entry is None:
+            argv = process.worker_argv(model_id=SPARE_LABEL, kind="lm", path=None, spare=True,
+                                       **common)
+        else:
+            argv = process.worker_argv(model_id=entry.id, kind=entry.kind, path=entry.path or None,
+                                       context_length=entry.context_length,
+                                       **common)
+        return argv[3:]  # without "python -m mlx_supervisor.worker"
+
+    async def close(self) -> None:
+        """Stop the zygote (after the workers: its own exit never takes a worker with it)."""
+        self._closing = True
+        fs = self.server
+        if fs is not None:
+            await fs.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+SPARE_LABEL = "(spare)"
+FORK_KINDS = frozenset({"lm", "vlm", "embeddings"})
+
+
+def forkable(entry: Any) -> bool:
+    """A spare (None) or a one-process model of a kind the zygote serves, with no ``env`` of
+    its own (environment variables read at import time would not reach a forked child)."""
+    return entry is None or (entry.kind in FORK_KINDS and not entry.env and entry.ranks <= 1)

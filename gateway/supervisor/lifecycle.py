@@ -59,6 +59,7 @@ def on_control(core: c.Core, e: Control) -> None:
         w.memory = msg.memory
         w.ranks = msg.ranks or w.ranks
         w.worker_inflight = msg.inflight + msg.queued
+        _learn(core, w)
     elif isinstance(msg, p.Hello):
         w.pid = w.pid or msg.pid
         if w.state is State.STARTING:
@@ -89,6 +90,7 @@ def _on_ready(core: c.Core, w: Worker, msg: p.Ready) -> None:
         return
     slot.last_error = None
     w.ready_mono = slot.last_turn = core.now()
+    _learn(core, w)
     for f in slot.load_waiters:
         if not f.done():
             f.set_result(w)
@@ -118,6 +120,15 @@ def _exception_line(tail: Iterable[str]) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def _learn(core: c.Core, w: Worker) -> None:
+    """A serving worker's measured footprint (plus growth headroom) becomes what its model's
+    next admission needs, in place of the estimate from its weight files."""
+    slot = core.slots.get(w.model_id)
+    if (slot is not None and slot.worker is w and w.memory is not None
+            and w.state in (State.READY, State.DRAINING)):
+        slot.learn(w.memory.footprint, core.cfg.learned_headroom)
 
 
 def on_exited(core: c.Core, e: Exited) -> None:

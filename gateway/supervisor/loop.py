@@ -53,9 +53,11 @@ class Supervisor:
         self.bus = bus or Bus()
         self.transport = Transport(endpoint, self._on_transport_control, cfg.stream_buffer)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.fx = ProcessEffects(self.transport, launcher or ExecLauncher(cfg, endpoint), self.bus,
+        self.launcher: Launcher = launcher or ExecLauncher(cfg, endpoint)
+        self.fx = ProcessEffects(self.transport, self.launcher, self.bus,
                                  self.events.put_nowait, cfg.stop_grace)
         self.core = Core.build(cfg, entries, aliases, budget, self.fx)
+        self.core.held = self.launcher.held_bytes  # the zygote is in the ledger
         self.started = time.time()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -88,6 +90,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self.transport.start()
+        self.launcher.start()
         self._task = asyncio.create_task(self._run(), name="supervisor")
         self._ticker = asyncio.create_task(self._tick_loop(), name="supervisor-tick")
         for slot in self.core.slots.values():
@@ -165,6 +168,7 @@ class Supervisor:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+        await self.launcher.close()  # the zygote last: every worker is reaped by now
         await self.transport.close()
 
     # ------------------------------------------------------------ the loop
@@ -184,7 +188,7 @@ class Supervisor:
     # ------------------------------------------------------------ views (read-only)
 
     def snapshot(self) -> dict[str, Any]:
-        return views.snapshot(self.core, self.started)
+        return {**views.snapshot(self.core, self.started), "zygote": self.launcher.info()}
 
     def model_info(self, model_id: str) -> dict[str, Any]:
         return views.model_info(self.core, model_id)

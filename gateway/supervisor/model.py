@@ -93,10 +93,22 @@ class Slot:
     loads: int = 0
     last_turn: float = float("-inf")  # monotonic: when its last worker became ready (turn order)
     eta: float = 0.0  # monotonic: when a WAITING model expects its memory (Retry-After)
+    learned: int = 0
+    """Measured footprint × (1 + learned_headroom), the most seen while serving; 0: not yet."""
 
     @property
     def model_id(self) -> str:
         return self.entry.id
+
+    @property
+    def need(self) -> int:
+        """Bytes its next admission must find: the learned figure once the model has loaded,
+        else the estimate from its weight files; a ``memory`` reservation always wins."""
+        return self.learned if self.learned and not self.entry.reserved else self.entry.estimate
+
+    def learn(self, footprint: int, headroom: float) -> None:
+        if headroom > 0 and footprint > 0:
+            self.learned = max(self.learned, int(footprint * (1 + headroom)))
 
     @property
     def pending(self) -> bool:

@@ -70,6 +70,8 @@ def worker_argv(
 class WorkerProcess:
     """A spawned worker: its process, a reaper, and the tail of its stderr."""
 
+    via = "exec"  # how it was obtained: a fresh interpreter; "fork" from the zygote
+
     def __init__(self, proc: asyncio.subprocess.Process, label: str):
         self.proc = proc
         self.label = label

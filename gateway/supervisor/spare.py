@@ -34,6 +34,18 @@ class Launcher(Protocol):
     async def launch(self, worker: Worker, entry: Entry | None) -> process.WorkerProcess:
         """A running process for ``worker`` (``entry`` None: a spare); raises if none can start."""
 
+    def start(self) -> None:
+        """With the supervisor: start helper processes (the zygote)."""
+
+    async def close(self) -> None:
+        """After every worker has been reaped: stop them."""
+
+    def held_bytes(self) -> int:
+        """Bytes the launcher's own processes hold, charged in the ledger."""
+
+    def info(self) -> dict[str, object] | None:
+        """For ``/admin/ps``; None when there is nothing to show."""
+
 
 class ExecLauncher:
     """A fresh interpreter per worker (``process.spawn``), or an ``mlx.launch`` group."""
@@ -57,6 +69,18 @@ class ExecLauncher:
             return await group.spawn_group(e, argv, env, self.endpoint)
         return await process.spawn(argv, env, e.id)
 
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def held_bytes(self) -> int:
+        return 0
+
+    def info(self) -> dict[str, object] | None:
+        return None
+
 
 def can_adopt(w: Worker | None, e: Entry) -> bool:
     return (w is not None and w.state is State.IDLE and not e.env and e.ranks <= 1
@@ -69,7 +93,7 @@ def adopt(core: Core, slot: Slot) -> bool:
     if w is None or not can_adopt(w, e):
         return False
     core.spare = None
-    w.model_id, w.kind, w.estimate, w.spare = e.id, e.kind, e.estimate, False
+    w.model_id, w.kind, w.estimate, w.spare = e.id, e.kind, slot.need, False
     w.context_length, w.reserved, w.memory = e.context_length, e.reserved, None
     w.load_started = w.last_used_mono = core.now()
     slot.worker = w

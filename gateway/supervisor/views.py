@@ -25,6 +25,7 @@ def snapshot(sup: Core, started: float) -> dict[str, Any]:
             "model": w.model_id, "spare": w.spare, "worker_id": w.worker_id, "pid": w.pid, "state": w.state.value,
             "kind": w.kind, "memory_bytes": w.memory.footprint if w.memory else 0,
             "estimated_bytes": w.estimate, "charged_bytes": w.bytes,
+            "learned_bytes": slot.learned if slot else 0, "via": getattr(w.proc, "via", None),
             "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,
                        "rss": w.memory.rss} if w.memory else None,
             "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
@@ -54,6 +55,7 @@ def model_info(sup: Core, model_id: str) -> dict[str, Any]:
     return {
         "state": state, "kind": slot.entry.kind, "pinned": slot.pinned,
         "memory": w.bytes if w else 0, "estimated_bytes": slot.entry.estimate,
+        "learned_bytes": slot.learned, "needs_bytes": slot.need,
         "aliases": slot.entry.aliases, "pid": w.pid if w else None,
         "last_error": slot.last_error, "loads": slot.loads, "last_used": slot.last_used_wall,
         "context_length": (w.context_length if w else 0) or slot.entry.context_length,

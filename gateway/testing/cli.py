@@ -21,7 +21,7 @@ import psutil
 from mlx_supervisor.gateway.testing.server import free_port, write_config
 
 FAST = {"host": "127.0.0.1", "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0, "stop_grace": 3.0,
-        "shutdown_grace": 5.0, "warm_spare": False}
+        "shutdown_grace": 5.0, "warm_spare": False, "fork_server": False}
 
 
 def fake(mem_bytes: int = 100_000_000, **env: Any) -> dict[str, Any]:

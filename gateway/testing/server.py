@@ -78,7 +78,7 @@ class ServerProcess:
         self.port = free_port()
         base = {"host": "127.0.0.1", "port": self.port, "run_dir": str(self.workdir / "run"),
                 "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0, "stop_grace": 3.0,
-                "shutdown_grace": 5.0, "warm_spare": False}
+                "shutdown_grace": 5.0, "warm_spare": False, "fork_server": False}
         base.update(settings or {})
         self.port = int(str(base["port"]))
         self.config = write_config(self.workdir / "config.toml", base, models)
