@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for kind in filter(None, args.kinds.split(",")):
         preload(kind, start_device=False)
+    # The worker's own modules too (zmq, psutil, msgspec): importing them opens nothing.
+    import mlx_supervisor.worker.main  # noqa: F401
+
     took = time.monotonic() - t0
     threads, cuda = _threads(), _cuda_loaded()
     ctl = socket.socket(fileno=args.control_fd)
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) -> int:
     ctl.settimeout(1.0)
     while True:
+        _reap_middles()
         try:
             data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 1)
         except TimeoutError:
@@ -129,12 +133,13 @@ def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) ->
         finally:
             for fd in fds:
                 os.close(fd)
-        log.info("forked %s as pid %d", msg.worker_id, pid)
         ctl.send(encode(Forked(worker_id=msg.worker_id, pid=pid)))
+        log.info("forked %s as pid %d", msg.worker_id, pid)
 
 
 def _fork(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> int:
-    """Fork an intermediate that forks the worker and exits; the worker's pid."""
+    """Fork an intermediate that forks the worker and exits; the worker's pid. The pid is read
+    as soon as it is written: the intermediate's exit (and reap) is not waited for here."""
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -144,16 +149,29 @@ def _fork(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> int:
             if pid == 0:
                 os.close(w)
                 _child(ctl, msg, errfd, gateway)  # never returns
-            os.write(w, str(pid).encode())
+            os.write(w, b"%d\n" % pid)
         finally:
             os._exit(0)
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        out = f.read()
-    os.waitpid(middle, 0)
-    if not out:
+        out = f.readline()
+    _MIDDLES.add(middle)
+    if not out.strip():
         raise RuntimeError("the intermediate process reported no pid")
     return int(out)
+
+
+_MIDDLES: set[int] = set()  # intermediates not reaped yet
+
+
+def _reap_middles() -> None:
+    for pid in list(_MIDDLES):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _MIDDLES.discard(pid)
 
 
 def _child(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> None:

@@ -28,7 +28,6 @@ How a ``Generate`` is used:
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 from collections import deque
@@ -124,8 +123,7 @@ class VLMEngine:
             self._finish_generator()
         self.queue.clear()
         self.model = self.processor = None
-        gc.collect()
-        mx.clear_cache()
+        mx.clear_cache()  # no gc.collect(): the process exits next (see LMEngine.close)
 
     def memory(self) -> Memory:
         return mlx_memory()
