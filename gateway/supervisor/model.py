@@ -94,7 +94,9 @@ class Slot:
     last_turn: float = float("-inf")  # monotonic: when its last worker became ready (turn order)
     eta: float = 0.0  # monotonic: when a WAITING model expects its memory (Retry-After)
     learned: int = 0
-    """Measured footprint × (1 + learned_headroom), the most seen while serving; 0: not yet."""
+    """Measured footprint × (1 + learned_headroom), the most seen while serving, at most the
+    estimate (learning only lets more fit; growth past the estimate is ``relieve``'s); 0: not
+    yet."""
 
     @property
     def model_id(self) -> str:
@@ -108,7 +110,8 @@ class Slot:
 
     def learn(self, footprint: int, headroom: float) -> None:
         if headroom > 0 and footprint > 0:
-            self.learned = max(self.learned, int(footprint * (1 + headroom)))
+            grown = max(self.learned, int(footprint * (1 + headroom)))
+            self.learned = min(grown, self.entry.estimate)
 
     @property
     def pending(self) -> bool:
