@@ -43,11 +43,12 @@ IN_PROC = "mlx_lm.load + first token in-process (imports done)"
 
 
 def wait_zygote(url: str, timeout: float = 300) -> float:
-    """Seconds until the gateway's zygote has done its imports."""
+    """Seconds until the gateway's zygote has done its imports, or has turned forking off
+    (a CUDA context after import): then every path below starts fresh interpreters."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         z = httpx.get(url + "/admin/ps", timeout=5).json().get("zygote") or {}
-        if z.get("ready"):
+        if z.get("ready") or z.get("disabled"):
             return time.monotonic() - t0
         time.sleep(0.05)
     raise RuntimeError("the zygote did not become ready")
