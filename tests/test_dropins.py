@@ -86,6 +86,8 @@ def test_add_and_rm_apply_to_a_running_gateway_and_leave_other_workers_alone(
         assert sorted(p.name for p in (srv.workdir / "models.d").iterdir()) == ["b.toml"]
         r = httpx.post(srv.url + "/admin/models", json={"name": "c"})
         assert r.status_code == 400 and "exactly one of `path` or `repo`" in r.text
+        r = httpx.post(srv.url + "/admin/models", json={"name": "c", "path": "models/x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path"
 
         b_pid = pid_of(srv, "b")
         assert b_pid is not None

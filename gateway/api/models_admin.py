@@ -105,6 +105,9 @@ class ModelRoutes:
     async def add(self, request: Request) -> Response:
         body = _decode(await read_body(request, 64 * 1024), AddBody)
         assert isinstance(body, AddBody)
+        if body.path is not None and not Path(body.path).expanduser().is_absolute():
+            raise APIError(400, f"path must be absolute (the gateway's working directory is no "
+                           f"anchor): {body.path[:200]!r}", param="path", code="invalid_value")
         model = ModelConfig(path=str(Path(body.path).expanduser().resolve()) if body.path else None,
                             repo=body.repo, revision=body.revision, pinned=body.pin, ttl=body.ttl)
         cdir = config_dir()

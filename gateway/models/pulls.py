@@ -28,6 +28,7 @@ from mlx_supervisor.shared.config import Config, ModelConfig
 log = logging.getLogger("mlx_supervisor.pull")
 KEEPALIVE = 15.0
 TERMINAL = ("done", "error")
+KEEP_ENDED = 50  # finished pulls still listed by GET /admin/pulls
 
 
 def config_dir() -> Path:
@@ -79,6 +80,9 @@ class Pulls:
                                param="name", code="pull_in_progress")
             return running
         pull = Pull(repo, revision, self.gw.sup.budget, self.gw.cfg.headroom, name, pin)
+        ended = [i for i, p in self.by_id.items() if p.finished]
+        for i in ended[:max(0, len(ended) - KEEP_ENDED)]:  # the list stays short
+            del self.by_id[i]
         self.active[key] = self.by_id[pull.id] = pull
         threading.Thread(target=pull.run, args=(self._finish,), name=pull.id, daemon=True).start()
         log.info("pull %s: %s@%s started", pull.id, repo, revision or "main")
