@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,15 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from mlx_supervisor.gateway.api.gateway import Gateway
+from mlx_supervisor.gateway.api.run import Outcome
+from mlx_supervisor.gateway.observe.history import History
+from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
 from mlx_supervisor.gateway.testing.cli import fake
 from mlx_supervisor.gateway.testing.fakehub import HubProcess
 from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+from mlx_supervisor.shared.config import Config
 
 BLUE = (0x2E, 0x6F, 0xDB)  # PALETTE[0] in charts.js: the first model's series
 
@@ -32,6 +38,34 @@ def chat(url: str, model: str) -> None:
     r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
         "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
     assert r.status_code == 200, r.text
+
+
+async def test_history_counts_tokens_as_they_stream_and_requests_as_they_finish(tmp_path: Path) -> None:
+    gw = Gateway(Config(), Supervisor(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock"))
+    try:
+        sent: list[dict[str, Any]] = []
+        hist = History(gw, sent.append, interval=2.0, window=6.0)
+        o = Outcome(request_id="r1", model="m", route="chat")
+        gw.observe("started", o)
+        o.completion_tokens = 10  # streamed so far (the Run updates its Outcome per chunk)
+
+        def sample_after(seconds: float) -> dict[str, Any]:
+            hist._last = time.monotonic() - seconds
+            return hist.sample()
+
+        s1 = sample_after(1.0)
+        assert 9.5 < s1["rates"]["m"]["tps"] <= 10 and s1["rates"]["m"]["rps"] == 0
+        o.completion_tokens = 15
+        gw.observe("finished", o)
+        s2 = sample_after(1.0)
+        assert 4.5 < s2["rates"]["m"]["tps"] <= 5 and 0.9 < s2["rates"]["m"]["rps"] <= 1  # 5 more, not 15
+        assert sample_after(1.0)["rates"] == {}  # nothing since
+        for _ in range(3):
+            sample_after(1.0)
+        assert len(hist.samples) == 3 and hist.document()["window"] == 6.0  # a ring: oldest out
+        assert s1["budget"] == 10**9 and s1["memory"] == {} and s1["queued"] == {}
+    finally:
+        await gw.sup.transport.close()
 
 
 def test_history_ring_records_rates_memory_and_budget() -> None:
