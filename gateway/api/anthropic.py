@@ -189,11 +189,6 @@ def to_chat(req: CountTokensRequest, **sampling: Any) -> t.ChatRequest:
         raise bad_request("prefill is not supported: the last message must be a user message",
                           f"messages[{len(req.messages) - 1}].role", code="unsupported_value")
     body = {"model": req.model, "messages": msgs, **_tools(req), **_output(req), **sampling}
-    missing = [k for k in body if k not in t.ChatRequest.__struct_fields__]
-    if missing or any("tool_calls" in m or m["role"] == "tool" for m in msgs) and \
-            "tool_calls" not in t.ChatMessage.__struct_fields__:
-        raise bad_request(f"{(missing or ['tools'])[0]} is not supported by this gateway yet",
-                          (missing or ["tools"])[0], code="unsupported_value")
     return msgspec.convert(body, t.ChatRequest)
 
 
@@ -205,8 +200,7 @@ async def messages(request: Request) -> Response:
                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                        user=req.metadata.user_id if req.metadata else None)
     run, model = await chat.start_chat(request, gw, chat_req, route="messages")
-    shape = out.Shape(model=model, stops=req.stop_sequences or [],
-                      thinking=req.thinking is None or req.thinking.type != "disabled")
+    shape = out.Shape(model=model, thinking=req.thinking is None or req.thinking.type != "disabled")
     if req.stream:
         return SSEStream(run, out.events(run, shape))
 

@@ -5,7 +5,7 @@ event sequence (``message_start``, ``ping``, ``content_block_start`` / ``_delta`
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,7 +25,6 @@ class Shape:
     """What the translation needs from the request."""
 
     model: str
-    stops: list[str] = field(default_factory=list)
     thinking: bool = True
     """Show the model's reasoning as ``thinking`` blocks (off for ``thinking: disabled``)."""
 
@@ -37,7 +36,9 @@ def usage(run: Run) -> dict[str, int]:
             "cache_read_input_tokens": o.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def stop_reason(finish: str | None, shape: Shape, stop_sequence: str | None = None) -> tuple[str, str | None]:
+def stop_reason(finish: str | None, stop_sequence: str | None = None) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for a chat finish_reason (and vLLM-style
+    ``stop_reason``: the stop string that matched)."""
     if finish == "stop" and stop_sequence:
         return "stop_sequence", stop_sequence
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
@@ -62,7 +63,7 @@ def message(body: dict[str, Any], run: Run, shape: Shape) -> dict[str, Any]:
     for tc in msg.get("tool_calls") or []:
         content.append({"type": "tool_use", "id": tc["id"], "name": tc["function"]["name"],
                         "input": _input(tc["function"]["arguments"])})
-    reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_reason"))
+    reason, seq = stop_reason(choice["finish_reason"], choice.get("stop_reason"))
     return {"id": "msg_" + run.msg.id, "type": "message", "role": "assistant", "model": shape.model,
             "content": content, "stop_reason": reason, "stop_sequence": seq, "usage": usage(run)}
 
@@ -144,7 +145,7 @@ async def events(run: Run, shape: Shape) -> AsyncIterator[bytes]:
         if choice.get("finish_reason") is not None:
             for ev in blocks.close():
                 yield ev
-            reason, seq = stop_reason(choice["finish_reason"], shape, choice.get("stop_reason"))
+            reason, seq = stop_reason(choice["finish_reason"], choice.get("stop_reason"))
             yield _event("message_delta", {"type": "message_delta",
                                            "delta": {"stop_reason": reason, "stop_sequence": seq},
                                            "usage": usage(run)})

@@ -161,11 +161,6 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[t.Cha
         "top_p": req.top_p, "user": req.user or req.safety_identifier, "stream": req.stream}
     if req.reasoning is not None and req.reasoning.effort is not None:
         body["reasoning_effort"] = req.reasoning.effort
-    missing = [k for k in body if k not in t.ChatRequest.__struct_fields__]
-    if missing or any("tool_calls" in m or m["role"] == "tool" for m in conversation) and \
-            "tool_calls" not in t.ChatMessage.__struct_fields__:
-        raise bad_request("tools and text.format are not supported by this gateway yet",
-                          (missing or ["tools"])[0], code="unsupported_value")
     try:
         return msgspec.convert(body, t.ChatRequest), conversation
     except msgspec.ValidationError as e:
