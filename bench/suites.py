@@ -38,6 +38,7 @@ from bench.common import (
     request,
     started,
 )
+from bench.grammar import grammar
 
 
 def _lm_models(path: Path, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -278,4 +279,5 @@ def ledger_overhead(s: Settings) -> dict[str, Any] | None:
 
 SUITES = {"decode": decode, "throughput": throughput, "cold": swap_speed.cold,
           "swap": swap_speed.swap,
-          "gateway_alone": gateway_alone, "ledger_overhead": ledger_overhead}
+          "gateway_alone": gateway_alone, "ledger_overhead": ledger_overhead,
+          "grammar": grammar}

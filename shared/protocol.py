@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Pause and Resume (flow control)
+PROTOCOL_VERSION = 3  # 2: Pause and Resume (flow control); 3: tools, grammars, reasoning chunks
 """Bumped with any change to a message a peer of another version would misread. A worker says
 its version in ``Hello``; the gateway's transport refuses a mismatch as a load failure."""
 

@@ -43,3 +43,14 @@ def test_bench_decode_smoke(tmp_path: Path) -> None:
                                             for f in sec["figures"])
     d = sec["details"]
     assert len(d["gateway_tps_all"]) == len(d["inproc_tps_all"]) == len(d["pair_ratios"]) == 2
+
+
+def test_bench_grammar_smoke(tmp_path: Path) -> None:
+    """The grammar bench on the real tiny model: json_schema vs none, 1 and 16 streams."""
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--smoke", "--only", "grammar",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sec = json.loads((tmp_path / "report.json").read_text())["benches"]["grammar"]
+    assert "error" not in sec
+    assert [f["target"] for f in sec["figures"]] == [">= 0.9", ">= 0.9"]
+    assert all(f["value"] > 0 and f["baseline"] > 0 for f in sec["figures"])

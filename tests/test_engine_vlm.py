@@ -180,3 +180,21 @@ def test_real_worker_process_serves_images(workers: Any, vlm_model_dir: Path) ->
     w.send(Generate(id="w2", messages=ask("What?"), images=[b"junk"]))
     err = w.recv(timeout=30)
     assert isinstance(err, Error) and err.status == 400
+
+
+def test_response_format_constrains_a_vision_answer(engine: VLMEngine) -> None:
+    import json
+
+    import jsonschema
+
+    from mlx_supervisor.shared.protocol import JsonFormat
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}},
+              "required": ["color", "n"], "additionalProperties": False}
+    out = run(engine, Generate(id="j", messages=ask("Which color?"), images=[png()],
+                               max_tokens=40, temperature=0.0,
+                               json_format=JsonFormat(schema=schema)))
+    assert isinstance(out[-1], Done) and out[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads(text(out)), schema)

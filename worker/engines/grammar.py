@@ -16,6 +16,11 @@ in it). Here it meets the model's tokenizer, and the matcher follows the sequenc
 - the mask is llguidance's bitmask. On Metal it is applied with ``llguidance.mlx``'s kernel;
   elsewhere (CPU, CUDA: ``mx.fast.metal_kernel`` has no back-end there) with ``mx.where``;
 - once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends.
+
+Cost: the matcher must see the last token before it can mask the next, which undoes one step
+of mlx-lm's lookahead for that row (the forward pass is started first, so it runs while we wait).
+In ``BatchGenerator`` any logits processor also moves the batch onto its per-row path; on a tiny
+model that path costs more than the grammar itself (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -144,6 +149,9 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if not self.fresh:
+            # The matcher needs the last token now: start this step's forward pass first, so
+            # it runs while we wait for that token and compute the mask.
+            mx.async_eval(logits)
             last: Any = tokens[-1].item()
             self._consume(int(last))
         self.fresh = False

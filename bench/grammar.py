@@ -1,0 +1,93 @@
+"""Constrained decoding's cost: decode tokens/s with a ``json_schema`` grammar ÷ the same chat
+request without one, both through the same gateway in the same run.
+
+The schema holds one free string, so a random-weight model writes the whole ``max_tokens``
+inside it and both sides decode about the same number of tokens. Single stream: ABBA pairs of
+one greedy SSE stream each (per-token rate between the first and last token). 16 streams:
+ABBA rounds of 16 concurrent streams (aggregate tokens / wall time). Each side warms up first
+(the first grammar request also builds llguidance's tokenizer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bench.common import (
+    Settings,
+    concurrent,
+    figure,
+    gateway,
+    median,
+    model_dir,
+    ratio,
+    request,
+    started,
+)
+
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
+          "additionalProperties": False}
+CHAT = "/v1/chat/completions"
+
+
+def _body(max_tokens: int, prompt: str, constrained: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "max_tokens": max_tokens, "temperature": 0.0,
+                            "stream": True, "stream_options": {"include_usage": True},
+                            "messages": [{"role": "user", "content": prompt}]}
+    if constrained:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "story", "schema": SCHEMA}}
+    return body
+
+
+def _single(port: int, max_tokens: int, tag: str, constrained: bool) -> float:
+    r = asyncio.run(request(port, CHAT, _body(max_tokens, f"Tell a story {tag}", constrained)))
+    if r.status != 200:
+        raise RuntimeError(f"grammar bench request failed: {r.status} {r.error}")
+    return r.decode_tps()
+
+
+def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool) -> float:
+    bodies = [[_body(max_tokens, f"Story {i} {tag}", constrained)] for i in range(n)]
+    wall, results = asyncio.run(concurrent(port, bodies, path=CHAT))
+    bad = [r for r in results if r.status != 200]
+    if bad:
+        raise RuntimeError(f"grammar bench request failed: {bad[0].status} {bad[0].error}")
+    return sum(r.completion_tokens for r in results) / wall
+
+
+def _paired(reps: int, run: Any) -> tuple[list[float], list[float]]:
+    """``run(tag, constrained)`` in ABBA order after one warm-up pair: (with, without) rates."""
+    on: list[float] = []
+    off: list[float] = []
+    for i in range(reps + 1):
+        for constrained in ((True, False) if i % 2 else (False, True)):
+            rate = run(f"r{i}", constrained)
+            if i:
+                (on if constrained else off).append(rate)
+    return on, off
+
+
+def grammar(s: Settings) -> dict[str, Any]:
+    from bench.suites import _lm_models, _wait_ready
+
+    path = model_dir(s)
+    max_tokens = s.pick(96, 192, 12)
+    reps, streams = s.pick(4, 8, 1), 16
+    with started(gateway(_lm_models(path))) as srv:
+        _wait_ready(srv.url)
+        one_on, one_off = _paired(reps, lambda tag, c: _single(srv.port, max_tokens, tag, c))
+        many_on, many_off = _paired(max(2, reps // 2),
+                                    lambda tag, c: _many(srv.port, streams, max_tokens, tag, c))
+    figs = []
+    for name, on, off in (("single stream", one_on, one_off),
+                          (f"{streams} streams (aggregate)", many_on, many_off)):
+        r = ratio(median(on), median(off))
+        figs.append(figure(f"json_schema grammar vs none, {name}", median(on), median(off),
+                           "tokens/s", "higher", "the same chat request without a grammar",
+                           target=">= 0.9", passed=r >= 0.9))
+    return {"figures": figs, "details": {
+        "max_tokens": max_tokens, "pairs": reps,
+        "single_with": [round(x, 1) for x in one_on], "single_without": [round(x, 1) for x in one_off],
+        "many_with": [round(x, 1) for x in many_on], "many_without": [round(x, 1) for x in many_off],
+        "schema": SCHEMA}}
