@@ -146,3 +146,15 @@ def test_responses_reasoning_item(oai: openai.OpenAI) -> None:
     r = oai.responses.create(model="r1", input="Think.", temperature=0, max_output_tokens=2000)
     assert r.output[0].type == "reasoning"
     assert r.output[0].content and r.output[0].content[0].text  # type: ignore[union-attr]
+    events = list(oai.responses.create(model="r1", input="Think.", temperature=0,
+                                       max_output_tokens=2000, stream=True, store=False))
+    text = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")  # type: ignore[union-attr]
+    assert text == r.output[0].content[0].text  # type: ignore[union-attr]
+    assert events[-1].response.output[0].type == "reasoning"  # type: ignore[union-attr]
+
+
+def test_anthropic_count_tokens_counts_the_tools(ant: anthropic.Anthropic) -> None:
+    bare = ant.messages.count_tokens(model="tools", messages=[{"role": "user", "content": ASK}])
+    with_tools = ant.messages.count_tokens(model="tools", messages=[{"role": "user", "content": ASK}],
+                                           tools=A_TOOLS)
+    assert with_tools.input_tokens > bare.input_tokens + 20  # the schemas are in the prompt
