@@ -21,14 +21,23 @@ WRITE_TIMEOUT = 2.0
 FAST = {**fake(FAKE_TOKEN_DELAY=0.002, FAKE_CONTEXT_LENGTH=10**6), "max_concurrency": 8, "max_queue": 100}
 
 
-def _non_reader(srv: ServerProcess, rid: str) -> socket.socket:
+BODIES = {
+    "/v1/chat/completions": chat_body("fast", max_tokens=500_000, stream=True),
+    "/v1/messages": {"model": "fast", "max_tokens": 500_000, "stream": True,
+                     "messages": [{"role": "user", "content": "hello there"}]},
+    "/v1/responses": {"model": "fast", "input": "hello there", "max_output_tokens": 500_000,
+                      "stream": True},
+}
+
+
+def _non_reader(srv: ServerProcess, rid: str, path: str = "/v1/chat/completions") -> socket.socket:
     """A streaming request for half a million tokens from a client that never reads a byte."""
-    body = json.dumps(chat_body("fast", max_tokens=500_000, stream=True)).encode()
+    body = json.dumps(BODIES[path]).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.settimeout(30)
     s.connect(("127.0.0.1", srv.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % path.encode() +
               b"x-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body)) + body)
     return s
 
@@ -91,4 +100,19 @@ def test_non_reading_streams_are_bounded_cut_and_free_their_slots() -> None:
         assert max(j["usage"]["completion_tokens"] for j in jobs) < 50_000
         log = srv.log()
         assert "Traceback" not in log
+    assert srv.orphans == []
+
+
+def test_the_anthropic_and_responses_streams_are_cut_the_same_way() -> None:
+    with ServerProcess({"fast": FAST}, {"write_timeout": WRITE_TIMEOUT}) as srv:
+        socks = [_non_reader(srv, f"nr-{i}", path) for i, path in enumerate(BODIES)]
+        try:
+            jobs = wait_for(lambda: (js := [_job(srv, f"nr-{i}") for i in range(len(BODIES))])
+                            and all(j["status"] == "cancelled" for j in js) and js, 60, step=0.5)
+        finally:
+            for s in socks:
+                s.close()
+        for j in jobs:
+            assert j["error"]["type"] == "write_timeout", j
+        wait_for(lambda: hot(srv)["fast"]["inflight"] == 0, 10)
     assert srv.orphans == []
