@@ -33,10 +33,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("mlx_supervisor.connections")
 FD_RESERVE = 48  # descriptors kept for everything but client connections (logs, ledger, zmq)
 FD_PER_MODEL = 4  # a worker's ipc connections and its stderr pipe, in the gateway
-# The kernel's send buffer per client socket. Left to autotune, Linux grows it to 4 MiB for a
-# client that does not read, so a slow stream would take minutes to fill it and start the write
-# clock; a fixed 256 KiB still streams at RTT-bound rates far above any model's token rate.
-SEND_BUFFER = 256 * 1024
+# The kernel's send buffer per client socket, and the event loop's buffer above it. Left to
+# autotune, Linux grows the first to 4 MiB for a client that does not read, so a stream at a
+# model's token rate (tens of kB/s) would take minutes to fill it and start the write clock.
+# 64 KiB (the kernel doubles it) still streams at 100+ MB/s on a LAN, far above any token rate.
+SEND_BUFFER = 64 * 1024
+WRITE_BUFFER = 32 * 1024
 
 
 @dataclass
@@ -106,6 +108,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            transport.set_write_buffer_limits(high=WRITE_BUFFER)
         lim = self.limits
         if len(lim.conns) >= lim.max_connections and not self._evict_one():
             lim.refused += 1

@@ -78,8 +78,16 @@ def admit(core: c.Core, slot: Slot) -> None:
     start(core, slot)
 
 
+def served_total(core: c.Core, s: Slot) -> float:
+    """Seconds the model has held memory in all: past turns plus the current one."""
+    w = s.worker
+    now_turn = core.now() - w.ready_mono if w is not None and w.ready_mono is not None else 0.0
+    return s.served_seconds + now_turn
+
+
 def _candidate(core: c.Core, s: Slot) -> turns.Candidate:
-    return turns.Candidate(s.entry.id, s.last_turn, s.waiters[0].since if s.waiters else core.now())
+    return turns.Candidate(s.entry.id, served_total(core, s),
+                           s.waiters[0].since if s.waiters else core.now())
 
 
 def _ahead(core: c.Core, slot: Slot) -> list[Slot]:
@@ -105,7 +113,9 @@ def _fits_behind(core: c.Core, slot: Slot, ahead: list[Slot], plan: Plan) -> boo
 def _turn_holders(core: c.Core, exclude: str) -> list[turns.Holder]:
     now = core.now()
     out = [turns.Holder(h.model_id, h.bytes, _served(w, now), pinned=h.pinned, busy=h.busy,
-                        stopping=h.stopping)
+                        stopping=h.stopping,
+                        total=served_total(core, core.slots[w.model_id]) if w.model_id in core.slots
+                        else 0.0)
            for w in core.workers.values() for h in [_holder(core, w)]]
     out += [turns.Holder(s.entry.id + "#reserved", s.need, None)
             for s in core.slots.values() if s.pending and s.entry.id != exclude]

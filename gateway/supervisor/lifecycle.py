@@ -89,7 +89,7 @@ def _on_ready(core: c.Core, w: Worker, msg: p.Ready) -> None:
     if slot is None:
         return
     slot.last_error = None
-    w.ready_mono = slot.last_turn = core.now()
+    w.ready_mono = core.now()
     _learn(core, w)
     for f in slot.load_waiters:
         if not f.done():
@@ -162,6 +162,8 @@ def on_exited(core: c.Core, e: Exited) -> None:
             model=w.model_id, pid=w.pid, reason=detail, returncode=e.returncode))
         slot = core.slots.get(w.model_id)
         if slot is not None and slot.worker is w:
+            if w.ready_mono is not None:  # its turn at the memory is over
+                slot.served_seconds += core.now() - w.ready_mono
             _after_exit(core, slot, w, reason, asked, was_loading)
             if not asked:
                 slot.last_detail = detail

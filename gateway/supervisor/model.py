@@ -91,7 +91,7 @@ class Slot:
     last_detail: str | None = None  # with the worker's stderr tail, for /admin/* and the logs
     last_used_wall: float | None = None  # wall clock of the last grant or release, for display
     loads: int = 0
-    last_turn: float = float("-inf")  # monotonic: when its last worker became ready (turn order)
+    served_seconds: float = 0.0  # seconds its past workers held memory once ready (turn order)
     eta: float = 0.0  # monotonic: when a WAITING model expects its memory (Retry-After)
     learned: int = 0
     """Measured footprint × (1 + learned_headroom), the most seen while serving, at most the

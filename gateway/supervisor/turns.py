@@ -3,10 +3,11 @@
 ``plan_admission`` only evicts idle workers, so when every holder is busy a cold model would
 never get in. Instead it waits for a *turn*: a busy holder that has had at least ``min_turn``
 seconds of memory since it loaded is asked to yield (drained between requests: its in-flight
-requests finish, its new ones queue for its next turn). Waiting models are served in turn order:
-the one whose last turn began longest ago (never = first), ties by the oldest waiter; only the
-first in that order makes holders yield, and it alone may take memory that is being freed. So
-with equal demand every model gets the memory in rotation.
+requests finish, its new ones queue for its next turn). Fairness is by service received, as in
+deficit round robin: waiting models are ordered by the seconds they have held memory in all
+(least first; ties by the oldest waiter), and among the holders whose turn is over the one with
+the most seconds in all yields first. Only the first waiting model makes holders yield, and it
+alone may take memory that is being freed. So with equal demand the shares even out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Holder:
     model_id: str
     bytes: int
     served: float | None = None  # seconds since it became ready; None: loading, a reservation
+    total: float = 0.0  # seconds this model has held memory in all, this turn included
     pinned: bool = False
     busy: bool = False  # requests in flight or queued (an idle one is for plan_admission)
     stopping: bool = False  # already leaving: its bytes are as good as free
@@ -48,8 +50,8 @@ def plan_turn(need: int, holders: Sequence[Holder], budget: int, max_models: int
               min_turn: float, drain: float = 0.0) -> Turn:
     """The busy holders to drain for ``need`` bytes (and one more worker) to fit.
 
-    Only holders that are not pinned, not already leaving and have ``served >= min_turn`` are
-    drained now; if those are not enough, none is (the need waits for more turns to run out, and
+    Holders whose turn is over are taken first, most-served (``total``) first. Only those that are not pinned, not already
+    leaving and have ``served >= min_turn`` are drained now; if those are not enough, none is (the need waits for more turns to run out, and
     ``wait`` says how long that should take). ``drain`` is the expected time for a drained
     holder's in-flight requests to finish and its process to exit.
     """
@@ -58,7 +60,7 @@ def plan_turn(need: int, holders: Sequence[Holder], budget: int, max_models: int
     used = sum(h.bytes for h in holders if not h.stopping)
     count = sum(1 for h in holders if not h.stopping)
     movable = sorted((h for h in holders if not h.pinned and not h.stopping and h.served is not None),
-                     key=lambda h: -(h.served or 0.0))
+                     key=lambda h: ((h.served or 0.0) < min_turn, -h.total))
     chosen: list[Holder] = []
     for h in movable:
         if used + need <= budget and (max_models <= 0 or count + 1 <= max_models):
@@ -81,10 +83,10 @@ class Candidate:
     """A model waiting for memory, as the turn order sees it."""
 
     model_id: str
-    last_turn: float  # when its last worker became ready (monotonic); -inf: never loaded
+    total: float  # seconds it has held memory in all
     oldest_waiter: float  # when its oldest queued request arrived (monotonic)
 
 
 def turn_order(waiting: Sequence[Candidate]) -> list[str]:
-    """Least recently served first; among equals, the one that has waited longest."""
-    return [c.model_id for c in sorted(waiting, key=lambda c: (c.last_turn, c.oldest_waiter))]
+    """Least served first; among equals, the one that has waited longest."""
+    return [c.model_id for c in sorted(waiting, key=lambda c: (c.total, c.oldest_waiter))]
