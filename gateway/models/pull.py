@@ -61,6 +61,7 @@ class Pull:
         self._last_tick = 0.0
         self._t0 = 0.0
         self._fresh = 0  # bytes fetched by this pull (the rate excludes what was already there)
+        self._current = ""  # the file being fetched (the client's progress bars report to it)
 
     # ------------------------------------------------------------ events
 
@@ -178,8 +179,6 @@ class Pull:
             self.state = "error"
             self.emit("error", status=502, code="download_failed",
                       message=f"downloading {self.repo} failed: {type(e).__name__}: {e}")
-
-    _current = ""
 
     def _fetch(self, files: list[hub.HubFile]) -> Path:
         """Each file into the cache (resuming a partial one); the snapshot directory."""

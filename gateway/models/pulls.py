@@ -78,6 +78,7 @@ class Pulls:
                 raise APIError(409, f"{repo} is being pulled as {running.name!r} ({running.id}); "
                                "wait for it, then add another name with `mlx-supervisor add`",
                                param="name", code="pull_in_progress")
+            running.pin = running.pin or pin  # read when it finishes: a later --pin still counts
             return running
         pull = Pull(repo, revision, self.gw.sup.budget, self.gw.cfg.headroom, name, pin)
         ended = [i for i, p in self.by_id.items() if p.finished]
