@@ -274,12 +274,14 @@ def test_only_the_files_a_worker_reads_are_needed() -> None:
 
 
 def test_cli_pull_add_rm_without_a_gateway_work_on_the_files(hub_root: Path, tmp_path: Path) -> None:
-    cache, home = tmp_path / "cache", tmp_path / "home"
+    hf_home, home = tmp_path / "hf-home", tmp_path / "home"
+    cache = hf_home / "hub"  # HF_HOME alone decides where the cache is, for the client and for us
     home.mkdir()
     config = home / "config.toml"
     config.write_text(f'run_dir = "{home / "run"}"\nport = 1\n')  # nothing listens there
     with HubProcess(hub_root) as hub:
-        env = {**os.environ, **hub.env(cache)}
+        env = {k: v for k, v in {**os.environ, **hub.env(cache)}.items() if k != "HF_HUB_CACHE"}
+        env["HF_HOME"] = str(hf_home)
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([sys.executable, "-m", "mlx_supervisor.gateway.cli", "--config",
@@ -292,6 +294,7 @@ def test_cli_pull_add_rm_without_a_gateway_work_on_the_files(hub_root: Path, tmp
         assert 'repo = "test-org/tiny-llama"' in (home / "models.d" / "local.toml").read_text()
         r = run("config", "check")
         assert r.returncode == 0 and "ok (1 model(s))" in r.stdout, r.stdout + r.stderr
+        assert "not in the local Hugging Face cache" not in r.stderr  # the catalog finds it there
         r = run("add", "again", "--repo", REPO, "--ttl", "60")
         assert r.returncode == 0 and "again.toml" in r.stdout, r.stderr
         r = run("rm", "local", "--delete-files")  # another entry still serves the repo
