@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ BLUE = (0x2E, 0x6F, 0xDB)  # PALETTE[0] in charts.js: the first model's series
 @pytest.fixture(scope="module")
 def hub_root(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("hub") / "repos"
-    shutil.copytree(demo_model_dir, root / "test-org" / "tiny-llama")
+    for name in ("tiny-llama", "other-llama"):
+        shutil.copytree(demo_model_dir, root / "test-org" / name)
     return root
 
 
@@ -133,6 +135,18 @@ def test_charts_pull_form_and_playground_in_headless_chromium(hub_root: Path, de
             page.wait_for_selector(".pullrow.done", timeout=60_000)
             assert "served as tiny-llama" in page.inner_text(".pullrow")
             page.wait_for_selector('#catalog tbody tr[data-model="tiny-llama"]')
+            assert page.locator('.pullrow[data-repo="test-org/tiny-llama"]').count() == 1
+
+            # A pull started elsewhere (the CLI, another client) shows up on the page too.
+            elsewhere = threading.Thread(target=lambda: httpx.post(
+                srv.url + "/admin/models/pull", json={"repo": "test-org/other-llama"}, timeout=120).read())
+            elsewhere.start()
+            other = '.pullrow[data-repo="test-org/other-llama"]'
+            page.wait_for_function(f"(() => {{ const p = document.querySelector('{other} progress');"
+                                   " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
+            page.wait_for_selector(other + ".done", timeout=60_000)
+            elsewhere.join(60)
+            assert "served as other-llama" in page.inner_text(other)
 
             # The playground: a cold model loads on demand (shown), the answer streams in.
             page.evaluate("""() => {

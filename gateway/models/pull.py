@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.models import fetch, hub
 from mlx_supervisor.shared.model_kind import detect_kind
@@ -40,6 +42,12 @@ Listener = Callable[[dict[str, Any]], None]
 
 class PullCancelled(Exception):
     pass
+
+
+class PullEvent(msgspec.Struct, frozen=True):
+    """A pull's event on the gateway's bus, for the status page (``data`` is the SSE payload)."""
+
+    data: dict[str, Any]
 
 
 class Pull:

@@ -2,6 +2,8 @@
 any number of clients as server-sent events.
 
 A second pull of a repo already being pulled joins the first (one download, the same events).
+Every pull's events also go on the gateway's bus (``PullEvent``), so the status page shows pulls
+started anywhere, the CLI's included.
 Clients only listen: one that leaves takes nothing with it, and ``GET /admin/pulls/{id}``
 attaches again. When the files are in, ``finish`` (on the event loop) writes the drop-in and
 applies it like a SIGHUP reload, so the model is servable when ``done`` goes out.
@@ -21,7 +23,7 @@ import msgspec
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.models import edit
-from mlx_supervisor.gateway.models.pull import Pull, default_name
+from mlx_supervisor.gateway.models.pull import Pull, PullEvent, default_name
 from mlx_supervisor.shared import dropins, paths
 from mlx_supervisor.shared.config import Config, ModelConfig
 
@@ -85,6 +87,8 @@ class Pulls:
         for i in ended[:max(0, len(ended) - KEEP_ENDED)]:  # the list stays short
             del self.by_id[i]
         self.active[key] = self.by_id[pull.id] = pull
+        loop = self.loop
+        pull.subscribe(lambda ev: loop.call_soon_threadsafe(self.gw.bus.publish, PullEvent(ev)))
         threading.Thread(target=pull.run, args=(self._finish,), name=pull.id, daemon=True).start()
         log.info("pull %s: %s@%s started", pull.id, repo, revision or "main")
         return pull

@@ -1,6 +1,6 @@
 """The live status page: ``/`` and ``/static/*`` (public, no build step), ``GET /admin/status``
 (one JSON document the page polls), ``GET /admin/events`` (server-sent lifecycle events, plus
-the charts' live samples) and ``GET /admin/history`` (the charts' last 15 minutes, history.py).
+the charts' live samples and every pull's progress) and ``GET /admin/history`` (the charts' last 15 minutes, history.py).
 
 Events come from the gateway's bus (supervisor events and state transitions) into one ring
 buffer of the last ``RING`` events. A new subscriber gets the backlog first (only what it has not seen, when
@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mlx_supervisor.gateway.api.gateway import Gateway, json_response
+from mlx_supervisor.gateway.models.pull import PullEvent
 from mlx_supervisor.gateway.observe.history import History
 from mlx_supervisor.gateway.supervisor import events as ev
 from mlx_supervisor.gateway.supervisor.states import State
@@ -150,6 +151,7 @@ def attach(gw: Gateway) -> StatusPage:
     page = StatusPage(gw, EventHub())
     gw.bus.subscribe(ev.SupervisorEvent, page.on_event)
     hist = History(gw, lambda sample: page.hub.broadcast("sample", sample))
+    gw.bus.subscribe(PullEvent, lambda e: page.hub.broadcast("pull", {"pull": e.data}))
     gw.startup_hooks.append(hist.start)
     gw.shutdown_hooks.append(hist.stop)
 

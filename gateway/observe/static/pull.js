@@ -1,5 +1,6 @@
 // The pull form: POST /admin/models/pull and draw its SSE events (started, progress, done,
-// error) as a progress bar per pull, with a Cancel button (DELETE /admin/pulls/{id}).
+// error) as a progress bar per pull, with a Cancel button (DELETE /admin/pulls/{id}). Pulls
+// started elsewhere show up too, from the "pull" events of the status page's stream.
 // Uses app.js's helpers ($, h, authHeaders, fmtBytes, errorText, refresh).
 "use strict";
 
@@ -8,6 +9,8 @@ function fmtEta(s) {
   return s >= 60 ? `${Math.floor(s / 60)}m ${String(Math.round(s % 60)).padStart(2, "0")}s left`
     : `${Math.ceil(s)}s left`;
 }
+
+const pullRows = new Map(); // pull id -> its row's parts
 
 function pullRow(repo) {
   const bar = h("progress", { max: 1, value: 0 });
@@ -61,6 +64,27 @@ async function readSSE(resp, onData) {
   }
 }
 
+// A row becomes a pull's: keyed by its id, with a working Cancel button.
+function adopt(r, id) {
+  r.row.dataset.id = id;
+  pullRows.set(id, r);
+  r.cancel.disabled = false;
+  r.cancel.addEventListener("click", async () => {
+    r.cancel.disabled = true;
+    await fetch("/admin/pulls/" + encodeURIComponent(id), { method: "DELETE", headers: authHeaders() });
+  });
+  return r;
+}
+
+// Pulls started anywhere (the CLI, another page) arrive on the status page's event stream.
+eventListeners.push((e) => {
+  if (e.kind !== "pull") return;
+  const p = e.pull;
+  const r = pullRows.get(p.id) || adopt(pullRow(p.repo), p.id);
+  if (r.row.dataset.state === "done" || r.row.dataset.state === "error") return;
+  showPullEvent(r, p);
+});
+
 async function startPull(ev) {
   ev.preventDefault();
   const repo = $("#pullrepo").value.trim();
@@ -78,13 +102,10 @@ async function startPull(ev) {
       return;
     }
     const id = resp.headers.get("x-pull-id");
-    r.row.dataset.id = id;
-    r.cancel.disabled = false;
-    r.cancel.addEventListener("click", async () => {
-      r.cancel.disabled = true;
-      await fetch("/admin/pulls/" + encodeURIComponent(id), { method: "DELETE", headers: authHeaders() });
-    });
-    await readSSE(resp, (e) => showPullEvent(r, e));
+    const shown = pullRows.get(id); // the event stream may have shown this pull first
+    if (shown) r.row.remove();
+    const row = shown || adopt(r, id);
+    await readSSE(resp, (e) => showPullEvent(row, e));
   } catch (e) {
     showPullEvent(r, { event: "error", message: String(e) });
   }
