@@ -109,6 +109,9 @@ def generate_fields(req: t.ChatRequest, kind: str) -> dict[str, Any]:
     elif req.tool_choice is not None:
         raise bad_request("tool_choice is only allowed when tools are given", "tool_choice")
     out["json_format"] = _json_format(req.response_format)
+    if out["json_format"] is not None and kind not in ("lm", "vlm"):
+        raise bad_request(f"response_format needs a text or vision model; this is a {kind} model",
+                          "response_format", code="response_format_not_supported")
     kwargs = dict(req.chat_template_kwargs or {})
     taken = sorted(set(kwargs) & RESERVED_KWARGS)
     if taken:
