@@ -14,7 +14,8 @@ The grammar is Lark with embedded JSON schemas (``%json {...}``):
   ``json_tools`` format (Qwen, Hermes, ...) can be enforced;
 - ``tool_choice`` auto with a ``response_format``: either calls or the JSON answer.
 
-JSON is compact (``whitespace_flexible`` off): a weak model cannot stall in whitespace.
+JSON is compact (``whitespace_flexible`` off): a weak model cannot stall in whitespace. Objects
+that list their properties are closed unless the schema says otherwise (:func:`_closed`).
 ``strict: false`` compiles leniently (keywords llguidance does not implement are ignored); tool
 bodies are strict only when every function says ``strict: true``.
 """
@@ -33,8 +34,29 @@ def _llg() -> Any:
     return LLMatcher
 
 
+_VALUES = ("const", "enum", "default", "examples")  # JSON values, not schemas
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed(node: Any) -> Any:
+    """``node`` with every object that lists ``properties`` and says nothing of others closed
+    (``additionalProperties: false``), as xgrammar's strict mode reads schemas: a weak model
+    cannot wander into keys nobody asked for (clients rarely say it; pydantic never does)."""
+    if isinstance(node, list):
+        return [_closed(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in _VALUES else
+           {name: _closed(sub) for name, sub in v.items()} if k in _MAPS and isinstance(v, dict)
+           else _closed(v) for k, v in node.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _with_options(schema: dict[str, Any] | None, strict: bool) -> dict[str, Any]:
-    out: dict[str, Any] = dict(schema) if schema else {"type": "object"}
+    out: dict[str, Any] = _closed(schema) if schema else {"type": "object"}
     options: dict[str, Any] = dict(out.get("x-guidance") or {})
     out["x-guidance"] = {**options, "whitespace_flexible": False, "lenient": not strict}
     return out

@@ -94,6 +94,19 @@ def test_required_streams_calls_as_openai_does(client: openai.OpenAI) -> None:
     jsonschema.validate(args, SCHEMAS[head.function.name])
 
 
+def test_a_tool_schema_as_pydantic_writes_it_still_gives_a_valid_call(client: openai.OpenAI) -> None:
+    # No additionalProperties, as LangChain and pydantic send it: the object is closed for
+    # generation, else the random model would ramble into one endless extra key.
+    params = Order.model_json_schema()
+    assert "additionalProperties" not in params
+    r = client.chat.completions.create(
+        model="tools", messages=ASK, temperature=0, max_tokens=120, parallel_tool_calls=False,
+        tools=[{"type": "function", "function": {"name": "order", "parameters": params}}],
+        tool_choice="required")
+    (call,) = r.choices[0].message.tool_calls or []
+    Order.model_validate_json(call.function.arguments)
+
+
 def test_tool_choice_auto_lets_the_model_answer(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, temperature=0,
                                        max_tokens=8)
