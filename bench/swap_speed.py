@@ -10,6 +10,7 @@ one process that loads on every LRU miss (the floor).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +53,17 @@ def wait_zygote(url: str, timeout: float = 300) -> float:
             return time.monotonic() - t0
         time.sleep(0.05)
     raise RuntimeError("the zygote did not become ready")
+
+
+def wait_spares(url: str, n: int, timeout: float = 600) -> None:
+    """Until ``n`` warm spares have done their imports."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ws = httpx.get(url + "/admin/ps", timeout=5).json().get("workers", [])
+        if sum(1 for w in ws if w.get("spare") and w.get("state") == "idle") >= n:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{n} warm spares did not become ready")
 
 
 def _settle(url: str, path: str) -> None:
@@ -143,7 +155,7 @@ def _gateway_trace(paths: dict[str, Path], trace: str, max_tokens: int,
         if settings.get("fork_server"):
             wait_zygote(srv.url)
         if settings.get("warm_spare"):
-            wait_spare(srv.url)
+            wait_spares(srv.url, int(settings.get("warm_spares", 1)))
         t0 = time.perf_counter()
         for m in trace:
             r = _run(request(srv.port, "/v1/completions", completion_body(m, max_tokens,
@@ -184,7 +196,9 @@ def swap(s: Settings) -> dict[str, Any]:
     paths = _swap_models(s)
     trace = TRACE[:s.pick(6, 12, 4)]
     max_tokens = s.pick(8, 8, 2)
-    gw_wall, lat, loads = _gateway_trace(paths, trace, max_tokens, PATHS["fork+spare"])
+    spares = int(os.environ.get("BENCH_WARM_SPARES", "1"))  # the pool (CUDA, macOS: no fork)
+    gw_wall, lat, loads = _gateway_trace(paths, trace, max_tokens,
+                                         {**PATHS["fork+spare"], "warm_spares": spares})
     floor = inproc("swap", *(str(paths[k]) for k in "abc"), "--trace", trace,
                    "--max-tokens", str(max_tokens), "--slots", "2")
     base_wall, restarts = _restart_trace(paths, trace, max_tokens)
@@ -197,4 +211,4 @@ def swap(s: Settings) -> dict[str, Any]:
                target="<= 2x", passed=gw_wall <= 2 * floor["wall_s"]),
     ], "details": {"trace": trace, "max_tokens": max_tokens,
                    "gateway_latency_s": [round(x, 3) for x in lat], "gateway_loads": loads,
-                   "floor": floor, "baseline_restarts": restarts}}
+                   "floor": floor, "baseline_restarts": restarts, "warm_spares": spares}}

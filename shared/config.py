@@ -121,6 +121,9 @@ class Config(Strict):
     max_crashes: int = 3
     crash_window: float = 60.0
     warm_spare: bool = True
+    warm_spares: int = 1
+    """How many warm spares to keep (when ``warm_spare``): where workers cannot be forked (CUDA,
+    macOS) each covers one more miss in a row without an import."""
     fork_server: bool = True
     """Linux: fork workers from a zygote that has imported the MLX stack (ignored on macOS)."""
     learned_headroom: float = 0.25
@@ -228,6 +231,9 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
             out.append((f"$.{key}", f"must be positive (seconds), got {getattr(cfg, key)}"))
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         out.append(("$.heartbeat_timeout", "must be larger than heartbeat_interval"))
+    for key in ("warm_spares", "learned_headroom"):
+        if getattr(cfg, key) < 0:
+            out.append((f"$.{key}", f"must not be negative, got {getattr(cfg, key)}"))
     names: dict[str, str] = {}
     for name, m in cfg.models.items():
         at = f"$.models.{name}"

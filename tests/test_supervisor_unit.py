@@ -559,3 +559,22 @@ def test_a_learned_footprint_changes_a_later_admission(make: Any, headroom: floa
     else:
         assert b.state is State.STOPPING  # the estimate does not fit beside b
         assert sim.core.slots["a"].state is SlotState.PENDING
+
+
+def test_a_pool_of_spares_covers_misses_in_a_row(make: Any) -> None:
+    """warm_spares = 2: two cold models in a row both load in a spare; the pool refills."""
+    sim = make(entry("a"), entry("b"), warm_spare=True, warm_spares=2, heartbeat_interval=1.0)
+    sim.tick(0.2)
+    sim.tick(0.2)
+    pool = list(sim.core.spares)
+    assert len(pool) == 2 and sim.fx.did("spawn") == [s.worker_id for s in pool]
+    for i, s in enumerate(pool):
+        sim.send(Spawned(s, FakeProc(60 + i)))
+        sim.send(Control(s.worker_id, p.Hello(pid=60 + i, protocol=p.PROTOCOL_VERSION)))
+    sim.acquire("a")
+    sim.acquire("b")
+    assert {sim.worker("a"), sim.worker("b")} == set(pool)  # no fresh process for either
+    assert sim.fx.did("spawn") == [s.worker_id for s in pool] and not sim.core.spares
+    sim.tick(0.2)
+    sim.tick(0.2)
+    assert len(sim.core.spares) == 2 and not set(sim.core.spares) & set(pool)

@@ -142,7 +142,7 @@ def _wait_for_turn(core: c.Core, slot: Slot, hs: list[Holder], ahead: list[Slot]
     if ahead:
         return
     for victim_id in turn.victims:
-        victim = core.spare if victim_id == spare.SPARE else core.slots[victim_id].worker
+        victim = spare.victim(core) if victim_id == spare.SPARE else core.slots[victim_id].worker
         if victim is not None and victim.state is State.READY:
             reason = f"yielding its turn to {slot.entry.id} (held its memory {core.cfg.turn_seconds:g}s+)"
             core.fx.emit(ev.Evicted(model=victim_id, pid=victim.pid, reason=reason))
@@ -163,7 +163,7 @@ def _no_room(core: c.Core, slot: Slot, hs: list[Holder], never: bool = False) ->
 
 def _evict(core: c.Core, slot: Slot, plan: Plan) -> None:
     for victim_id in plan.victims:
-        victim = core.spare if victim_id == spare.SPARE else core.slots[victim_id].worker
+        victim = spare.victim(core) if victim_id == spare.SPARE else core.slots[victim_id].worker
         if victim is not None:
             core.fx.emit(ev.Evicted(model=victim_id, pid=victim.pid,
                                     reason=f"making room for {slot.entry.id}"))

@@ -49,7 +49,7 @@ class Core:
     clock: Callable[[], float] = time.monotonic
     workers: dict[str, Worker] = field(default_factory=dict)  # worker_id -> worker, until reaped
     closing: bool = False
-    spare: Worker | None = None
+    spares: list[Worker] = field(default_factory=list)  # the warm spares (warm_spares of them)
     spare_retry_at: float = 0.0
     last_ping: float = 0.0
     shutdown: ShutdownCmd | None = None
@@ -67,6 +67,11 @@ class Core:
 
     def now(self) -> float:
         return self.clock()
+
+    @property
+    def spare(self) -> Worker | None:
+        """The first warm spare, if any (read-only; ``spare.py`` keeps the pool)."""
+        return self.spares[0] if self.spares else None
 
     def used_bytes(self) -> int:
         """The ledger: bytes of every process not yet reaped (measured, else estimated)."""

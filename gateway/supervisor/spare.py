@@ -21,7 +21,7 @@ from mlx_supervisor.gateway.supervisor import group, process
 from mlx_supervisor.gateway.supervisor.core import Core, move
 from mlx_supervisor.gateway.supervisor.eviction import Holder, plan_admission
 from mlx_supervisor.gateway.supervisor.model import Slot, Worker
-from mlx_supervisor.gateway.supervisor.states import State
+from mlx_supervisor.gateway.supervisor.states import LEAVING, State
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.config import Config
 
@@ -89,10 +89,11 @@ def can_adopt(w: Worker | None, e: Entry) -> bool:
 
 def adopt(core: Core, slot: Slot) -> bool:
     """Hand the model to the warm spare (imports already done) instead of a fresh process."""
-    w, e = core.spare, slot.entry
-    if w is None or not can_adopt(w, e):
+    e = slot.entry
+    w = next((s for s in core.spares if can_adopt(s, e)), None)
+    if w is None:
         return False
-    core.spare = None
+    core.spares.remove(w)
     w.model_id, w.kind, w.estimate, w.spare = e.id, e.kind, slot.need, False
     w.context_length, w.reserved, w.memory = e.context_length, e.reserved, None
     w.load_started = w.last_used_mono = core.now()
@@ -107,8 +108,10 @@ def adopt(core: Core, slot: Slot) -> bool:
 
 
 def wanted(core: Core, holders: list[Holder], now: float) -> bool:
-    """A new spare fits now without evicting or waiting for anything."""
-    if (not core.cfg.warm_spare or core.closing or core.spare is not None
+    """The pool is short of ``warm_spares`` and a new spare fits now without evicting or
+    waiting for anything."""
+    pool = core.cfg.warm_spares if core.cfg.warm_spare else 0
+    if (core.closing or len(core.spares) >= pool
             or now < core.spare_retry_at or any(s.pending for s in core.slots.values())):
         return False
     plan = plan_admission(WORKER_BASELINE, holders, core.budget, core.max_models)
@@ -117,13 +120,18 @@ def wanted(core: Core, holders: list[Holder], now: float) -> bool:
 
 def start(core: Core) -> None:
     w = core.new_worker(SPARE, "spare", None, WORKER_BASELINE, "lm", spare=True)
-    core.spare = w
+    core.spares.append(w)
     core.fx.spawn(w, None)
+
+
+def victim(core: Core) -> Worker | None:
+    """The spare an eviction plan's ``SPARE`` stands for: one not already on its way out."""
+    return next((s for s in core.spares if s.state not in LEAVING), None)
 
 
 def lost(core: Core, w: Worker, retry_in: float) -> None:
     """The spare is gone (failed to start, or exited unasked): another in ``retry_in`` s."""
-    if core.spare is w:
-        core.spare = None
+    if w in core.spares:
+        core.spares.remove(w)
     if retry_in:
         core.spare_retry_at = core.now() + retry_in
