@@ -237,14 +237,15 @@ function describe(e) {
   return e.reason || "";
 }
 
-// Other scripts (charts, playground) see every event; "sample" ones only feed the charts.
+// Other scripts (charts, pulls, playground) see every event; "sample" and "pull" ones are theirs
+// alone, not lifecycle lines.
 const eventListeners = [];
 
 function onEvent(e) {
   if (e.id <= lastEventId) return;
   lastEventId = e.id;
   for (const fn of eventListeners) fn(e);
-  if (e.kind === "sample") return;
+  if (e.kind === "sample" || e.kind === "pull") return;
   events.push(e);
   if (events.length > MAX_EVENTS) events.splice(0, events.length - MAX_EVENTS);
   renderEvents();
