@@ -578,3 +578,22 @@ def test_a_pool_of_spares_covers_misses_in_a_row(make: Any) -> None:
     sim.tick(0.2)
     sim.tick(0.2)
     assert len(sim.core.spares) == 2 and not set(sim.core.spares) & set(pool)
+
+
+def test_an_admission_adopts_the_spare_rather_than_evicting_it(make: Any) -> None:
+    """a (400 MB) and the spare (320 MB) leave too little for b (400 MB) beside both, but the
+    spare becomes b's worker: nothing is evicted and b does not wait for a fresh process."""
+    sim = make(entry("a", 400 * MB), entry("b", 400 * MB), budget=1000 * MB, warm_spare=True,
+               heartbeat_interval=1.0)
+    sim.acquire("a")
+    sim.boot("a", footprint=400 * MB)
+    sim.release(sim.lease("a"))
+    sim.tick(0.2)
+    pool = list(sim.core.spares)
+    assert len(pool) == 1
+    sim.send(Spawned(pool[0], FakeProc(70)))
+    sim.send(Control(pool[0].worker_id, p.Hello(pid=70, protocol=p.PROTOCOL_VERSION)))
+    sim.acquire("b")
+    assert sim.worker("b") is pool[0] and pool[0].state is State.LOADING
+    assert not sim.fx.did("stop") and sim.worker("a").state is State.READY
+    assert sim.core.used_bytes() <= sim.core.budget

@@ -31,8 +31,10 @@ def _holder(core: c.Core, w: Worker) -> Holder:
                   stopping=w.state in LEAVING)
 
 
-def holders(core: c.Core, exclude: str) -> list[Holder]:
-    out = [_holder(core, w) for w in core.workers.values()]
+def holders(core: c.Core, exclude: str, adopting: Worker | None = None) -> list[Holder]:
+    """What holds memory, as eviction sees it; ``adopting`` (the spare that will become the
+    admitted model's worker) is left out: its bytes turn into the model's charge."""
+    out = [_holder(core, w) for w in core.workers.values() if w is not adopting]
     # Admissions already waiting for reaps hold a reservation nobody may take.
     out += [Holder(s.entry.id + "#reserved", s.need, 0.0, busy=True)
             for s in core.slots.values() if s.pending and s.entry.id != exclude]
@@ -66,7 +68,10 @@ def admit(core: c.Core, slot: Slot) -> None:
             f"budget of {format_size(core.budget)}", code="insufficient_memory"))
     if slot.state is SlotState.WAITING and not (slot.waiters or slot.load_waiters or slot.pinned):
         return c.move_slot(slot, SlotState.COLD, "nothing waits for it any more")
-    hs = holders(core, slot.entry.id)
+    # A spare that can take this model is not a victim: evicting it would only make the load
+    # wait for a fresh process.
+    keep = next((s for s in core.spares if spare.can_adopt(s, slot.entry)), None)
+    hs = holders(core, slot.entry.id, keep)
     plan = plan_admission(need, hs, core.budget, core.max_models)
     ahead = _ahead(core, slot)
     if not plan.fits or (ahead and not _fits_behind(core, slot, ahead, plan)):
