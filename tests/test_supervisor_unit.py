@@ -24,6 +24,7 @@ from mlx_supervisor.gateway.supervisor.model import (
     Control,
     Exited,
     Lease,
+    Park,
     ReloadCmd,
     ShutdownCmd,
     Spawned,
@@ -597,3 +598,29 @@ def test_an_admission_adopts_the_spare_rather_than_evicting_it(make: Any) -> Non
     assert sim.worker("b") is pool[0] and pool[0].state is State.LOADING
     assert not sim.fx.did("stop") and sim.worker("a").state is State.READY
     assert sim.core.used_bytes() <= sim.core.budget
+
+
+def test_a_parked_request_lends_its_slot_and_takes_one_back_when_it_reads_again(make: Any) -> None:
+    """A request whose client stopped reading (its stream paused it) no longer counts against
+    max_concurrency: the next waiter is granted; reading again over-commits rather than waits."""
+    sim = make(entry("a", max_concurrency=1, max_queue=4))
+    sim.acquire("a", "slow")
+    sim.boot("a")
+    slow = sim.lease("a")
+    waiting = sim.acquire("a", "good")
+    assert not waiting.fut.done()
+    sim.send(Park(slow, True))
+    good = lease_of(waiting)
+    w = sim.worker("a")
+    assert (w.inflight, w.parked) == (2, 1)
+    third = sim.acquire("a", "third")
+    assert not third.fut.done()  # the lent slot is taken
+    sim.send(Park(slow, False))
+    assert (w.inflight, w.parked) == (2, 0) and not third.fut.done()
+    sim.send(Park(slow, True))
+    assert not third.fut.done()  # good holds the one slot
+    sim.release(slow)  # cut off while parked: both counts go down once
+    assert (w.inflight, w.parked) == (1, 0) and not third.fut.done()
+    sim.release(good)
+    sim.release(lease_of(third))
+    assert (w.inflight, w.parked) == (0, 0)

@@ -102,6 +102,7 @@ class Run:
         self.outcome = outcome
         self.bus = bus
         self.stream: RequestStream = sup.transport.open_stream(msg.id, lease.worker_id)
+        self.stream.on_flow = lambda paused: sup.park(lease, paused)
         self._first: p.FromWorker | None = None
         self._closed = False
         self._checkpoint = time.monotonic() + CHECKPOINT_SECONDS

@@ -126,7 +126,7 @@ def pump(core: Core, slot: Slot) -> None:
     """Grant queued waiters while the slot's ready worker has room."""
     worker = slot.worker
     while (worker and worker.state is State.READY and slot.waiters
-           and worker.inflight < slot.entry.max_concurrency):
+           and worker.inflight - worker.parked < slot.entry.max_concurrency):
         w = slot.waiters.popleft()
         if not w.fut.done():
             grant(core, slot, worker, w)

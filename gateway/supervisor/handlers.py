@@ -19,6 +19,7 @@ HANDLERS: dict[type, Handler] = {
     m.Acquire: requests.on_acquire,
     m.Abandon: requests.on_abandon,
     m.Release: requests.on_release,
+    m.Park: requests.on_park,
     m.Spawned: lifecycle.on_spawned,
     m.Control: lifecycle.on_control,
     m.Exited: lifecycle.on_exited,

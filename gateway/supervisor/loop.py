@@ -29,6 +29,7 @@ from mlx_supervisor.gateway.supervisor.model import (
     Event,
     Lease,
     LoadCmd,
+    Park,
     ReloadCmd,
     ShutdownCmd,
     Slot,
@@ -148,6 +149,10 @@ class Supervisor:
 
     async def unload(self, model_id: str) -> None:
         await self._ask(lambda f: UnloadCmd(model_id, f))
+
+    def park(self, lease: Lease, parked: bool) -> None:
+        """The request's client stopped reading (True) or reads again (False): see on_park."""
+        self.events.put_nowait(Park(lease, parked))
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         return bool(await self._ask(lambda f: CancelCmd(request_id, reason, f)))

@@ -41,6 +41,7 @@ class Worker:
     last_heartbeat: float = field(default_factory=time.monotonic)
     memory: p.Memory | None = None
     inflight: int = 0
+    parked: int = 0  # of those, requests whose client stopped reading (paused): no slot held
     worker_inflight: int = 0  # what the worker itself last reported running
     context_length: int = 0
     load_seconds: float = 0.0
@@ -131,6 +132,7 @@ class Lease:
     context_length: int
     _release: Any = None
     released: bool = False
+    parked: bool = False  # its client stopped reading: its concurrency slot is lent out
 
     def release(self) -> None:
         if not self.released:
@@ -156,6 +158,14 @@ class Abandon:
 @dataclass
 class Release:
     lease: Lease
+
+
+@dataclass
+class Park:
+    """A request's client stopped reading (its stream paused it), or started again."""
+
+    lease: Lease
+    parked: bool
 
 
 @dataclass
@@ -218,6 +228,6 @@ class ReloadCmd:
 
 
 Event = (
-    Acquire | Abandon | Release | Spawned | Control | Exited | Tick | LoadCmd | UnloadCmd
+    Acquire | Abandon | Release | Park | Spawned | Control | Exited | Tick | LoadCmd | UnloadCmd
     | ShutdownCmd | CancelCmd | ReloadCmd
 )

@@ -10,7 +10,7 @@ from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor import admin, admission
 from mlx_supervisor.gateway.supervisor import core as c
 from mlx_supervisor.gateway.supervisor import events as ev
-from mlx_supervisor.gateway.supervisor.model import Abandon, Acquire, Release
+from mlx_supervisor.gateway.supervisor.model import Abandon, Acquire, Park, Release
 from mlx_supervisor.gateway.supervisor.states import State
 
 
@@ -28,7 +28,7 @@ def on_acquire(core: c.Core, e: Acquire) -> None:
         return w.fut.set_exception(err)
     worker = slot.worker
     if (worker and worker.state is State.READY and not slot.waiters
-            and worker.inflight < slot.entry.max_concurrency):
+            and worker.inflight - worker.parked < slot.entry.max_concurrency):
         return c.grant(core, slot, worker, w)
     if len(slot.waiters) >= slot.entry.max_queue:
         return w.fut.set_exception(APIError(
@@ -51,11 +51,28 @@ def on_abandon(core: c.Core, e: Abandon) -> None:
         fut.cancel()
 
 
+def on_park(core: c.Core, e: Park) -> None:
+    """A request whose client stopped reading is paused in its worker and lends its concurrency
+    slot to the next waiter, so slow readers never hold the model from reading clients; it
+    takes a slot again (over the limit, if need be) once its client reads on."""
+    lease, worker = e.lease, core.workers.get(e.lease.worker_id)
+    if worker is None or lease.released or lease.parked == e.parked:
+        return
+    lease.parked = e.parked
+    worker.parked += 1 if e.parked else -1
+    slot = core.slots.get(worker.model_id)
+    if e.parked and slot is not None and worker.state is State.READY:
+        c.pump(core, slot)
+
+
 def on_release(core: c.Core, e: Release) -> None:
     worker = core.workers.get(e.lease.worker_id)
     if worker is None:
         return
     worker.inflight = max(0, worker.inflight - 1)  # shutdown may have zeroed it
+    if e.lease.parked:
+        e.lease.parked = False
+        worker.parked = max(0, worker.parked - 1)
     worker.last_used_mono = core.now()
     slot = core.slots.get(worker.model_id)
     if slot is not None:

@@ -51,6 +51,7 @@ class RequestStream:
         self.pauses = 0
         self._send = send
         self.high = max(1, high)
+        self.on_flow: Callable[[bool], None] | None = None  # told True on Pause, False on Resume
 
     def put(self, msg: p.FromWorker) -> None:
         """From the receive loop: queue, pausing the request when the reader falls behind."""
@@ -67,6 +68,8 @@ class RequestStream:
             self.paused = True
             self.pauses += 1
             self._send(self.worker_id, p.Pause(id=self.request_id))
+            if self.on_flow is not None:
+                self.on_flow(True)
         self.queue.put_nowait(msg)
 
     async def __aiter__(self) -> AsyncIterator[p.FromWorker]:
@@ -77,6 +80,8 @@ class RequestStream:
             elif self.paused and self.queue.qsize() <= self.high // 4 and self._send is not None:
                 self.paused = False
                 self._send(self.worker_id, p.Resume(id=self.request_id))
+                if self.on_flow is not None:
+                    self.on_flow(False)
             yield msg
 
 

@@ -28,7 +28,7 @@ def snapshot(sup: Core, started: float) -> dict[str, Any]:
             "learned_bytes": slot.learned if slot else 0, "via": getattr(w.proc, "via", None),
             "memory": {"active": w.memory.active, "cache": w.memory.cache, "peak": w.memory.peak,
                        "rss": w.memory.rss} if w.memory else None,
-            "pinned": bool(slot and slot.pinned), "inflight": w.inflight,
+            "pinned": bool(slot and slot.pinned), "inflight": w.inflight, "parked": w.parked,
             "worker_inflight": w.worker_inflight,
             "queued": len(slot.waiters) if slot else 0,
             "last_used": time.time() - (now - w.last_used_mono),
