@@ -1,6 +1,6 @@
 """``python -m bench.chaos [--quick] [--out FILE]``: two figures of the gateway under attack.
 
-- **Slow readers**: 50 streaming clients that never read a byte (each asks for half a million
+- **Slow readers** (with ``max_concurrency`` 64, then the default 8): 50 streaming clients that never read a byte (each asks for half a million
   tokens; one that is cut off at ``write_timeout`` is replaced at once, so 50 are always there)
   for 60 s, against one fake model. Reported: the gateway's RSS growth (peak during the attack
   minus before), and a reading client's latency on the same model (one 50-token answer at a
@@ -32,7 +32,6 @@ import psutil
 from mlx_supervisor.gateway.testing.server import ServerProcess, fake_model
 
 SLOW = {**fake_model(FAKE_TOKEN_DELAY=0.01, FAKE_CONTEXT_LENGTH=10**6), "max_queue": 128}
-# max_concurrency is the default (8): 50 non-readers are six times it, as in the chaos run.
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
 
 
@@ -66,8 +65,9 @@ def _latencies(url: str, seconds: float) -> list[float]:
     return out
 
 
-def slow_readers(seconds: float, n: int = 50) -> dict[str, Any]:
-    with ServerProcess({"m": SLOW}, {"queue_timeout": 120.0}) as srv:
+def slow_readers(seconds: float, max_concurrency: int, n: int = 50) -> dict[str, Any]:
+    model = {**SLOW, "max_concurrency": max_concurrency}
+    with ServerProcess({"m": model}, {"queue_timeout": 120.0}) as srv:
         assert srv.proc is not None
         proc = psutil.Process(srv.proc.pid)
         httpx.post(srv.url + "/admin/models/m/load", timeout=60).raise_for_status()
@@ -93,7 +93,7 @@ def slow_readers(seconds: float, n: int = 50) -> dict[str, Any]:
             for s in socks:
                 s.close()
     u, lo = statistics.median(unloaded), statistics.median(loaded)
-    return {"non_readers": n, "seconds": seconds, "rss_before_mb": round(rss0 / 2**20, 1),
+    return {"non_readers": n, "max_concurrency": max_concurrency, "seconds": seconds, "rss_before_mb": round(rss0 / 2**20, 1),
             "rss_peak_mb": round(peak[0] / 2**20, 1), "rss_growth_mb": round((peak[0] - rss0) / 2**20, 1),
             "cut_and_replaced": replaced[0], "write_timeout": 30.0, "reader_unloaded_s": round(u, 4),
             "reader_loaded_s": round(lo, 4), "reader_latency_ratio": round(lo / u, 3),
@@ -140,7 +140,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/chaos.json")
     args = ap.parse_args()
     seconds = 20.0 if args.quick else 60.0
-    result = {"slow_readers": slow_readers(seconds),
+    result = {"slow_readers": slow_readers(seconds, 64),
+              "slow_readers_default_concurrency": slow_readers(seconds, 8),
               "fairness": fairness(seconds, 2.0 if args.quick else 10.0)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,12 @@ class Limits:
     refused: int = 0
     timed_out: int = 0
 
+    def status(self) -> dict[str, Any]:
+        """For /health and /metrics: open connections against the cap, and what was closed."""
+        return {"status": "ok", "open": len(self.conns), "max": self.max_connections,
+                "closed_idle_for_room": self.evicted, "refused": self.refused,
+                "timed_out": self.timed_out}
+
 
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard one (launchd and systemd often start us with

@@ -243,10 +243,12 @@ def run(args: argparse.Namespace) -> int:
     for w in warnings:
         log.warning("%s", w)
     app = create_app(gw)
+    lim = limits(cfg, len(gw.sup.slots))
+    gw.status_sources["connections"] = lim.status
     ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                           timeout_graceful_shutdown=5, lifespan="on",
                           timeout_keep_alive=cfg.keep_alive_timeout,
-                          http=connections.protocol_class(limits(cfg, len(gw.sup.slots))))
+                          http=connections.protocol_class(lim))
     server = GatewayServer(ucfg, gw, reload_fn=gw.reload)
     log.info("mlx-supervisor listening on http://%s:%d (%d models, budget %s)", cfg.host, cfg.port,
              len(gw.sup.slots), format_size(gw.sup.budget))

@@ -196,6 +196,21 @@ class SupervisorCollector(Collector):
         yield q
         yield p
         yield from self._ledger()
+        yield from self._connections()
+
+    def _connections(self) -> Iterator[Metric]:
+        source = self.gw.status_sources.get("connections")
+        if source is None:
+            return
+        st = source()
+        yield GaugeMetricFamily(f"{NS}_connections_open", "Open client connections.", value=st["open"])
+        yield GaugeMetricFamily(f"{NS}_connections_max", "The connection cap (max_connections, "
+                                "fitted to the open-files limit).", value=st["max"])
+        for key, what in (("closed_idle_for_room", "idle connections closed to make room past the cap"),
+                          ("refused", "connections answered 503 past the cap, all busy"),
+                          ("timed_out", "connections closed by header/body/write timeouts")):
+            yield CounterMetricFamily(f"{NS}_connections_{key}", what.capitalize() + ".",
+                                      value=st[key])
 
     def _ledger(self) -> Iterator[Metric]:
         source = self.gw.status_sources.get("ledger")

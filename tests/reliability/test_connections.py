@@ -175,6 +175,10 @@ def test_an_idle_flood_under_a_small_fd_limit_keeps_health_answering() -> None:
             assert r.status_code == 200, r.text
             closed, _ = _wait_closed(socks, HEADER_TIMEOUT + 15)
             assert closed == len(socks), f"{len(socks) - closed} of {len(socks)} still open"
+            conns = httpx.get(srv.url + "/health", timeout=10).json()["connections"]
+            assert conns["max"] < 256 and conns["closed_idle_for_room"] > 0, conns
+            metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert "mlx_supervisor_connections_closed_idle_for_room_total" in metrics
         finally:
             for s in socks:
                 s.close()
