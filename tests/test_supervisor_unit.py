@@ -577,6 +577,11 @@ def test_a_pool_of_spares_covers_misses_in_a_row(make: Any) -> None:
     assert {sim.worker("a"), sim.worker("b")} == set(pool)  # no fresh process for either
     assert sim.fx.did("spawn") == [s.worker_id for s in pool] and not sim.core.spares
     sim.tick(0.2)
+    assert not sim.core.spares  # no new spare takes CPU from the loads under way
+    for i, s in enumerate(pool):
+        sim.send(Control(s.worker_id, p.Ready(pid=60 + i, kind="lm", load_seconds=0.1,
+                                              memory=p.Memory(1, 0, 0, 0))))
+    sim.tick(0.2)
     sim.tick(0.2)
     assert len(sim.core.spares) == 2 and not set(sim.core.spares) & set(pool)
 

@@ -114,6 +114,9 @@ def wanted(core: Core, holders: list[Holder], now: float) -> bool:
     if (core.closing or len(core.spares) >= pool
             or now < core.spare_retry_at or any(s.pending for s in core.slots.values())):
         return False
+    if any(not w.spare and w.state in (State.STARTING, State.LOADING)
+           for w in core.workers.values()):
+        return False  # a load is under way: a new spare's start would take CPU from it
     plan = plan_admission(WORKER_BASELINE, holders, core.budget, core.max_models)
     return plan.fits and not plan.victims and not plan.wait
 
