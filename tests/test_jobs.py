@@ -140,6 +140,43 @@ def test_cancel_by_id_running_and_queued() -> None:
             assert r.status_code == http_status and r.json()["error"]["code"] == code
 
 
+NON_STREAMED = {  # route: (its body, the cancel: method and path)
+    "/v1/chat/completions": ({"messages": [{"role": "user", "content": "one two"}], "max_tokens": 1000},
+                             ("DELETE", "/v1/jobs/{rid}")),
+    "/v1/messages": ({"messages": [{"role": "user", "content": "one two"}], "max_tokens": 1000},
+                     ("DELETE", "/v1/jobs/{rid}")),
+    "/v1/responses": ({"input": "one two", "max_output_tokens": 1000},
+                      ("POST", "/v1/responses/resp_{rid}/cancel")),
+}
+
+
+@pytest.mark.parametrize("route", list(NON_STREAMED))
+def test_cancelled_non_streamed_request_gets_a_499_in_its_apis_shape(route: str) -> None:
+    body, (method, cancel) = NON_STREAMED[route]
+    rid = "ns-" + route.rsplit("/", 1)[-1]
+    with ServerProcess({"f": fake(0.02)}) as srv:
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            out["r"] = httpx.post(srv.url + route, json={"model": "f", **body},
+                                  headers={"x-request-id": rid}, timeout=30)
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        wait_for(lambda: status(srv, rid) == "processing")
+        r = httpx.request(method, srv.url + cancel.format(rid=rid), timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        t.join(10)
+        resp = out["r"]
+        assert resp.status_code == 499, resp.text
+        err = resp.json()
+        if route == "/v1/messages":
+            assert err["type"] == "error" and f"{rid} was cancelled" in err["error"]["message"]
+        else:
+            assert err["error"]["code"] == "cancelled" and f"{rid} was cancelled" in err["error"]["message"]
+        assert job(srv, rid)["status"] == "cancelled"
+
+
 def test_worker_kill9_leaves_the_row_failed_with_the_reason() -> None:
     with ServerProcess({"f": fake(0.02)}) as srv:
         it = iter(stream(srv, "k1", 1000))

@@ -86,7 +86,8 @@ class SSEStream(StreamingResponse):
 
 class Deferred(Response):
     """A non-streamed answer that is collected while the response is being sent, so a client that
-    disconnects meanwhile cancels the generation."""
+    disconnects meanwhile cancels the generation. Only a client that left gets no answer: a cancel
+    by id (also a 499) is answered with its error."""
 
     def __init__(self, run: Run, make: Callable[[], Awaitable[Response]]):
         super().__init__()
@@ -98,7 +99,7 @@ class Deferred(Response):
         try:
             resp = await until_disconnect(request, self._make())
         except APIError as e:
-            if e.status == 499:
+            if e.code == "client_disconnected":
                 return
             resp = error_response(e, scope)
         finally:
