@@ -5,7 +5,9 @@ The schema holds one free string, so a random-weight model writes the whole ``ma
 inside it and both sides decode about the same number of tokens. Single stream: ABBA pairs of
 one greedy SSE stream each (per-token rate between the first and last token). 16 streams:
 ABBA rounds of 16 concurrent streams (aggregate tokens / wall time). Each side warms up first
-(the first grammar request also builds llguidance's tokenizer).
+(the first grammar request also builds llguidance's tokenizer). For context, the same 16-stream
+pairing with mlx-lm's own ``repetition_penalty`` processor instead of the grammar: any logits
+processor moves ``BatchGenerator`` onto its per-row path.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "requir
 CHAT = "/v1/chat/completions"
 
 
-def _body(max_tokens: int, prompt: str, constrained: bool) -> dict[str, Any]:
+def _body(max_tokens: int, prompt: str, constrained: bool | str) -> dict[str, Any]:
+    """``constrained``: True for the grammar; "penalty" for mlx-lm's own repetition-penalty
+    logits processor instead (the cost of any processor in ``BatchGenerator``)."""
     body: dict[str, Any] = {"model": "m", "max_tokens": max_tokens, "temperature": 0.0,
                             "stream": True, "stream_options": {"include_usage": True},
                             "messages": [{"role": "user", "content": prompt}]}
-    if constrained:
+    if constrained == "penalty":
+        body["repetition_penalty"] = 1.01
+    elif constrained:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "story", "schema": SCHEMA}}
     return body
@@ -47,7 +53,7 @@ def _single(port: int, max_tokens: int, tag: str, constrained: bool) -> float:
     return r.decode_tps()
 
 
-def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool) -> float:
+def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool | str) -> float:
     bodies = [[_body(max_tokens, f"Story {i} {tag}", constrained)] for i in range(n)]
     wall, results = asyncio.run(concurrent(port, bodies, path=CHAT))
     bad = [r for r in results if r.status != 200]
@@ -56,15 +62,16 @@ def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool) -> fl
     return sum(r.completion_tokens for r in results) / wall
 
 
-def _paired(reps: int, run: Any) -> tuple[list[float], list[float]]:
-    """``run(tag, constrained)`` in ABBA order after one warm-up pair: (with, without) rates."""
+def _paired(reps: int, run: Any, arm: bool | str = True) -> tuple[list[float], list[float]]:
+    """``run(tag, arm)`` and ``run(tag, False)`` in ABBA order after one warm-up pair:
+    (with, without) rates."""
     on: list[float] = []
     off: list[float] = []
     for i in range(reps + 1):
-        for constrained in ((True, False) if i % 2 else (False, True)):
-            rate = run(f"r{i}", constrained)
+        for side in ((arm, False) if i % 2 else (False, arm)):
+            rate = run(f"r{i}", side)
             if i:
-                (on if constrained else off).append(rate)
+                (on if side else off).append(rate)
     return on, off
 
 
@@ -79,6 +86,9 @@ def grammar(s: Settings) -> dict[str, Any]:
         one_on, one_off = _paired(reps, lambda tag, c: _single(srv.port, max_tokens, tag, c))
         many_on, many_off = _paired(max(2, reps // 2),
                                     lambda tag, c: _many(srv.port, streams, max_tokens, tag, c))
+        pen_on, pen_off = _paired(max(2, reps // 2),
+                                  lambda tag, c: _many(srv.port, streams, max_tokens, tag, c),
+                                  arm="penalty")
     figs = []
     for name, on, off in (("single stream", one_on, one_off),
                           (f"{streams} streams (aggregate)", many_on, many_off)):
@@ -86,7 +96,12 @@ def grammar(s: Settings) -> dict[str, Any]:
         figs.append(figure(f"json_schema grammar vs none, {name}", median(on), median(off),
                            "tokens/s", "higher", "the same chat request without a grammar",
                            target=">= 0.9", passed=r >= 0.9))
+    figs.append(figure(f"context: repetition_penalty (mlx-lm's own processor) vs none, {streams} "
+                       "streams", median(pen_on), median(pen_off), "tokens/s", "higher",
+                       "the same chat request without a processor"))
     return {"figures": figs, "details": {
+        "penalty_with": [round(x, 1) for x in pen_on],
+        "penalty_without": [round(x, 1) for x in pen_off],
         "max_tokens": max_tokens, "pairs": reps,
         "single_with": [round(x, 1) for x in one_on], "single_without": [round(x, 1) for x in one_off],
         "many_with": [round(x, 1) for x in many_on], "many_without": [round(x, 1) for x in many_off],
