@@ -51,6 +51,6 @@ def test_bench_grammar_smoke(tmp_path: Path) -> None:
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     sec = json.loads((tmp_path / "report.json").read_text())["benches"]["grammar"]
-    assert "error" not in sec
+    assert "error" not in sec, sec["error"]
     assert [f["target"] for f in sec["figures"]] == [">= 0.9", ">= 0.9", None]
     assert all(f["value"] > 0 and f["baseline"] > 0 for f in sec["figures"])
