@@ -32,7 +32,6 @@ from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.supervisor import forkserver
-from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.supervisor.spare import ExecLauncher, Launcher
 from mlx_supervisor.shared import paths
 from mlx_supervisor.shared.config import (
@@ -121,8 +120,7 @@ def build_gateway(cfg: Config) -> tuple[Gateway, list[str]]:
     run_dir = paths.ensure_private_dir(Path(cfg.run_dir).expanduser() if cfg.run_dir else paths.run_dir())
     clear_stale_sockets(run_dir)
     endpoint = f"ipc://{run_dir}/gw-{os.getpid()}.sock"
-    sup = Supervisor(cfg, entries, aliases, budget, endpoint, launcher=_launcher(cfg, endpoint))
-    gw = Gateway(cfg, sup)
+    gw = Gateway.build(cfg, entries, aliases, budget, endpoint, _launcher(cfg, endpoint))
     gw.warnings.extend(warnings)
     for plugin in PLUGINS:
         plugin(gw)

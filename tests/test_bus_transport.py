@@ -17,7 +17,6 @@ from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.api.run import Outcome, RequestEvent
 from mlx_supervisor.gateway.bus import Bus
 from mlx_supervisor.gateway.supervisor import events as ev
-from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.supervisor.transport import Transport
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.config import Config
@@ -40,7 +39,7 @@ def test_an_observer_that_raises_is_logged_and_the_others_still_hear(
 
 
 async def test_two_gateways_in_one_process_hear_only_their_own_events(tmp_path: Path) -> None:
-    gws = [Gateway(Config(), Supervisor(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/g{i}.sock"))
+    gws = [Gateway.build(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/g{i}.sock")
            for i in range(2)]
     try:
         heard: list[list[msgspec.Struct]] = [[], []]

@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.observe.metrics import attach, crash_reason
-from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 from mlx_supervisor.shared.config import Config
 
@@ -136,7 +135,7 @@ def test_inflight_and_queue_depth_are_live() -> None:
 
 
 async def test_each_gateway_has_its_own_registry(tmp_path: Path) -> None:
-    gws = [Gateway(Config(), Supervisor(Config(), {}, {}, 100 * MB, f"ipc://{tmp_path}/gw{i}.sock"))
+    gws = [Gateway.build(Config(), {}, {}, 100 * MB, f"ipc://{tmp_path}/gw{i}.sock")
            for i in range(2)]
     try:
         metrics = [attach(gw) for gw in gws]

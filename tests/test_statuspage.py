@@ -16,7 +16,6 @@ from playwright.sync_api import Page, sync_playwright
 
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.observe.statuspage import EventHub, StatusPage
-from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
 from mlx_supervisor.gateway.testing.server import ServerProcess
 from mlx_supervisor.shared.config import Config
@@ -65,7 +64,7 @@ async def test_ring_backlog_resume_and_a_slow_subscriber_is_cut_off(tmp_path: Pa
     _, backlog = hub.subscribe(after=6)  # a reconnect with Last-Event-ID: 6
     assert [e["id"] for e in backlog] == [7, 8]
 
-    gw = Gateway(Config(), Supervisor(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock"))
+    gw = Gateway.build(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock")
     try:
         page = StatusPage(gw, hub)
         sub, backlog = hub.subscribe()

@@ -18,7 +18,6 @@ from playwright.sync_api import sync_playwright
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.api.run import Outcome
 from mlx_supervisor.gateway.observe.history import History
-from mlx_supervisor.gateway.supervisor.loop import Supervisor
 from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
 from mlx_supervisor.gateway.testing.cli import fake
 from mlx_supervisor.gateway.testing.fakehub import HubProcess
@@ -43,7 +42,7 @@ def chat(url: str, model: str) -> None:
 
 
 async def test_history_counts_tokens_as_they_stream_and_requests_as_they_finish(tmp_path: Path) -> None:
-    gw = Gateway(Config(), Supervisor(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock"))
+    gw = Gateway.build(Config(), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock")
     try:
         sent: list[dict[str, Any]] = []
         hist = History(gw, sent.append, interval=2.0, window=6.0)

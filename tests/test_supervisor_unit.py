@@ -518,9 +518,10 @@ def test_a_load_failure_fails_the_waiters_with_its_reason_once_the_worker_is_gon
 
 
 async def test_the_real_loop_survives_an_unknown_event(tmp_path: Any) -> None:
+    from mlx_supervisor.gateway.bus import Bus
     from mlx_supervisor.gateway.supervisor.loop import Supervisor
 
-    sup = Supervisor(Config(warm_spare=False), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock")
+    sup = Supervisor(Config(warm_spare=False), {}, {}, 10**9, f"ipc://{tmp_path}/gw.sock", Bus())
     await sup.start()
     try:
         sup.events.put_nowait(object())  # type: ignore[arg-type]

@@ -14,9 +14,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from mlx_supervisor.gateway.api.run import Outcome, RequestEvent
+from mlx_supervisor.gateway.bus import Bus
 from mlx_supervisor.gateway.catalog import Entry
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor.loop import Supervisor
+from mlx_supervisor.gateway.supervisor.spare import Launcher
 from mlx_supervisor.shared.config import Config
 
 if TYPE_CHECKING:
@@ -27,12 +29,22 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 
 class Gateway:
-    def __init__(self, cfg: Config, sup: Supervisor):
+    @classmethod
+    def build(cls, cfg: Config, entries: dict[str, Entry], aliases: dict[str, str], budget: int,
+              endpoint: str, launcher: Launcher | None = None) -> Gateway:
+        """A gateway with its own bus and a supervisor that publishes on it."""
+        bus = Bus()
+        return cls(cfg, Supervisor(cfg, entries, aliases, budget, endpoint, bus, launcher), bus)
+
+    def __init__(self, cfg: Config, sup: Supervisor, bus: Bus):
         self.cfg = cfg
         self.sup = sup
-        # The one event bus: the supervisor's events and the requests' (RequestEvent). Observers
-        # (metrics, status page, jobs, ledger) subscribe here; none is process-global.
-        self.bus = sup.bus
+        # The one event bus, the gateway's: the supervisor's events and the requests'
+        # (RequestEvent). Observers (metrics, status page, jobs, ledger) subscribe here; none is
+        # process-global. The supervisor was built to publish on it.
+        if sup.bus is not bus:
+            raise ValueError("the supervisor must publish on the gateway's bus")
+        self.bus = bus
         self.bus.subscribe(RequestEvent, self._forget_finished)
         self.active_ids: set[str] = set()  # request ids in flight (a stream and a ledger row each)
         self.warnings: list[str] = []

@@ -49,9 +49,9 @@ TICK = 0.2
 
 class Supervisor:
     def __init__(self, cfg: Config, entries: dict[str, Entry], aliases: dict[str, str], budget: int,
-                 endpoint: str, bus: Bus | None = None, launcher: Launcher | None = None):
+                 endpoint: str, bus: Bus, launcher: Launcher | None = None):
         self.cfg = cfg
-        self.bus = bus or Bus()
+        self.bus = bus  # the gateway's: it publishes there, and owns nothing of it
         self.transport = Transport(endpoint, self._on_transport_control, cfg.stream_buffer)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.launcher: Launcher = launcher or ExecLauncher(cfg, endpoint)
