@@ -62,3 +62,22 @@ def test_three_busy_models_where_two_fit_all_get_their_turns() -> None:
         assert used["used_bytes"] <= used["budget_bytes"]
         assert "Traceback" not in srv.log()
     assert srv.orphans == []
+
+
+def test_a_request_waiting_for_a_turn_times_out_with_the_expected_wait_as_retry_after() -> None:
+    """One model streams (busy) and holds the memory; another waits for its turn, which comes
+    after turn_seconds (30): at queue_timeout (3 s) it gets 503 with Retry-After near the rest
+    of that turn, not a fixed guess, and no insufficient_memory."""
+    models = {"busy": fake(mem_mb=300, FAKE_TOKEN_DELAY=0.05), "other": fake(mem_mb=300)}
+    settings = {"memory_budget": "400MB", "turn_seconds": 30.0, "queue_timeout": 3.0}
+    with ServerProcess(models, settings) as srv:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                          json=chat_body("busy", max_tokens=2000, stream=True)) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("other"), timeout=30)
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "queue_timeout" and "held by busy models" in err["message"], err
+        assert 15 <= int(r.headers["retry-after"]) <= 35, r.headers
+    assert srv.orphans == []
