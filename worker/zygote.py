@@ -50,6 +50,12 @@ from mlx_supervisor.worker import process_guard
 
 log = logging.getLogger("mlx_supervisor.zygote")
 REPARENT_TIMEOUT = 5.0  # seconds a new worker waits to become the gateway's child
+# What a first mlx_lm.load of a llama-family model imports lazily (seen with -X importtime):
+# imported here once, it is not paid by every forked worker's load.
+WARM_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3",
+                "mlx_lm.models.activations", "mlx_lm.models.rope_utils",
+                "transformers.image_utils", "transformers.image_transforms",
+                "transformers.video_utils")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         preload(kind, start_device=False)
     # The worker's own modules too (zmq, psutil, msgspec): importing them opens nothing.
     import mlx_supervisor.worker.main  # noqa: F401
+
+    _import_quietly(WARM_MODULES)
 
     took = time.monotonic() - t0
     threads, cuda = _threads(), _cuda_loaded()
@@ -207,6 +215,16 @@ def _child(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> None:
     finally:
         sys.stderr.flush()
         os._exit(code)
+
+
+def _import_quietly(names: tuple[str, ...]) -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # an optional module: the load that needs it will say so
+            log.debug("warm import of %s failed: %s", name, e)
 
 
 def _reseed() -> None:
