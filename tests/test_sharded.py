@@ -92,6 +92,28 @@ def test_sharded_greedy_output_equals_unsharded_and_eviction_frees_every_rank(
     assert not [pid for pid in group_pids(tp) if alive(pid)]
 
 
+def test_a_grammar_runs_on_every_rank_alike(srv: ServerProcess) -> None:
+    """response_format on the sharded group: every rank masks with its own matcher, so the
+    ranks stay in step and the answer is the unsharded one, and valid."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 999},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+
+    def ask(model: str) -> str:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40,
+            "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": schema}}})
+        assert r.status_code == 200, r.text
+        text: str = r.json()["choices"][0]["message"]["content"]
+        return text
+
+    sharded = ask("tp")
+    assert set(json.loads(sharded)) == {"n", "ok"}
+    assert ask("plain") == sharded
+
+
 def test_a_cancelled_stream_leaves_the_ranks_in_step(srv: ServerProcess) -> None:
     """The client goes away mid-stream: rank 0 tells the other ranks to stop too, and the next
     request (and one stopped by a stop string) still decodes the same tokens on every rank."""
