@@ -73,7 +73,8 @@ def read_all(config_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _toml(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML value (the config's writers: drop-ins here, the test server's config)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -81,9 +82,9 @@ def _toml(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -93,7 +94,7 @@ def render(name: str, model: Any) -> str:
 
     defaults = msgspec.to_builtins(ModelConfig())
     body = {k: v for k, v in msgspec.to_builtins(model).items() if v != defaults.get(k)}
-    return HEADER.format(name=name) + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items())
+    return HEADER.format(name=name) + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items())
 
 
 def write(config_dir: Path, name: str, model: Any) -> Path:

@@ -33,44 +33,47 @@ class Spawning(SupervisorEvent, frozen=True, kw_only=True):
     spare: bool = False
 
 
-class WorkerReady(SupervisorEvent, frozen=True, kw_only=True):
-    kind: ClassVar[str] = "ready"
+class WorkerEvent(SupervisorEvent, frozen=True, kw_only=True):
+    """About one worker process (``pid`` None: it had none yet)."""
+
     pid: int | None
+
+
+class WorkerReady(WorkerEvent, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "ready"
     load_seconds: float
     bytes: int
 
 
-class Evicted(SupervisorEvent, frozen=True, kw_only=True):
+class Evicted(WorkerEvent, frozen=True, kw_only=True):
     kind: ClassVar[str] = "evicted"
-    pid: int | None
     reason: str
 
 
-class TtlExpired(SupervisorEvent, frozen=True, kw_only=True):
+class TtlExpired(WorkerEvent, frozen=True, kw_only=True):
     kind: ClassVar[str] = "ttl"
-    pid: int | None
 
 
-class WorkerStopped(SupervisorEvent, frozen=True, kw_only=True):
+class WorkerExited(WorkerEvent, frozen=True, kw_only=True):
+    """A worker process ended: asked to (``WorkerStopped``) or not (``WorkerCrashed``)."""
+
+    reason: str
+    returncode: int
+
+
+class WorkerStopped(WorkerExited, frozen=True, kw_only=True):
     kind: ClassVar[str] = "stopped"
-    pid: int | None
-    reason: str
-    returncode: int
 
 
-class WorkerCrashed(SupervisorEvent, frozen=True, kw_only=True):
+class WorkerCrashed(WorkerExited, frozen=True, kw_only=True):
     kind: ClassVar[str] = "crashed"
-    pid: int | None
-    reason: str
-    returncode: int
 
 
-class Transitioned(SupervisorEvent, frozen=True, kw_only=True):
+class Transitioned(WorkerEvent, frozen=True, kw_only=True):
     """A worker's state moved (states.transition)."""
 
     kind: ClassVar[str] = "transition"
     worker_id: str
-    pid: int | None
     old: str
     new: str
     reason: str

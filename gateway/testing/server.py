@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
+from mlx_supervisor.shared.dropins import toml_value
+
 
 def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float,
                  step: float = 0.05) -> bool:
@@ -37,20 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
 
 
 def write_config(path: Path, settings: dict[str, Any], models: dict[str, dict[str, Any]]) -> Path:

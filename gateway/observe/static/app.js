@@ -258,6 +258,26 @@ function scheduleRefresh() {
   refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 100);
 }
 
+// Each SSE event's data (JSON) in resp to onData until the stream ends: the status
+// stream, a pull's and the playground's all go through here.
+async function readSSE(resp, onData) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim());
+      if (data.length && data[0] !== "[DONE]") onData(JSON.parse(data.join("\n")));
+    }
+  }
+}
+
 async function connectEvents() {
   if (streamAbort) streamAbort.abort();
   const ctrl = new AbortController();
@@ -272,21 +292,7 @@ async function connectEvents() {
       if (!resp.ok || !resp.body) throw new Error(resp.statusText);
       conn.className = "conn on";
       conn.textContent = "live";
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, cut);
-          buf = buf.slice(cut + 2);
-          const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim());
-          if (data.length) onEvent(JSON.parse(data.join("\n")));
-        }
-      }
+      await readSSE(resp, onEvent);
     } catch (e) {
       if (ctrl.signal.aborted) return;
     }

@@ -1,7 +1,7 @@
 // The playground: pick a catalog model, send one message to /v1/chat/completions (streamed),
 // watch the answer arrive with its time to first token and tokens/s. A cold model loads on
 // demand; its load is shown from the event stream (spawning, loading, ready).
-// Uses app.js's helpers ($, key, errorText, readSSE from pull.js) and its listener lists.
+// Uses app.js's helpers ($, key, errorText, readSSE) and its listener lists.
 "use strict";
 
 const API_KEY_STORE = "mlx-supervisor.apiKey";

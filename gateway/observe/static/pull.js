@@ -1,7 +1,7 @@
 // The pull form: POST /admin/models/pull and draw its SSE events (started, progress, done,
 // error) as a progress bar per pull, with a Cancel button (DELETE /admin/pulls/{id}). Pulls
 // started elsewhere show up too, from the "pull" events of the status page's stream.
-// Uses app.js's helpers ($, h, authHeaders, fmtBytes, errorText, refresh).
+// Uses app.js's helpers ($, h, authHeaders, fmtBytes, errorText, readSSE, refresh).
 "use strict";
 
 function fmtEta(s) {
@@ -43,24 +43,6 @@ function showPullEvent(r, ev) {
     r.row.classList.add("error");
     r.text.textContent = ev.message;
     r.cancel.remove();
-  }
-}
-
-async function readSSE(resp, onData) {
-  const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buf += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim());
-      if (data.length && data[0] !== "[DONE]") onData(JSON.parse(data.join("\n")));
-    }
   }
 }
 
