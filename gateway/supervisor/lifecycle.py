@@ -110,11 +110,14 @@ def public_reason(text: str) -> str:
     return text[:300]
 
 
-_EXC = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt): .+)$")
+# ``SomeError: message`` from Python, or the sharded launcher's own verdict on its group.
+_EXC = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt): .+"
+                  r"|sharded group failed: .+)$")
 
 
 def _exception_line(tail: Iterable[str]) -> str | None:
-    """The last ``SomeError: message`` in a dead worker's stderr: usually why it died."""
+    """The last ``SomeError: message`` (or launcher verdict) in a dead worker's stderr: usually
+    why it died."""
     for line in reversed(list(tail)):
         m = _EXC.search(line.strip())
         if m:
