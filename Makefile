@@ -32,7 +32,7 @@ lint: setup
 
 # Modules over 400 lines, functions over 60.
 sizes:
-	$(PY) scripts/sizes.py gateway worker shared
+	$(PY) scripts/sizes.py gateway worker shared bench
 
 bench: setup
 	$(PY) -m bench

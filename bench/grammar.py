@@ -17,15 +17,14 @@ from typing import Any
 
 from bench.common import (
     Settings,
-    concurrent,
     figure,
     gateway,
     median,
     model_dir,
     ratio,
-    request,
     started,
 )
+from bench.load import concurrent, request
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
           "additionalProperties": False}

@@ -26,8 +26,6 @@ from bench.common import (
     MLXLMServer,
     Settings,
     _run,
-    completion_body,
-    concurrent,
     figure,
     gateway,
     inproc,
@@ -35,10 +33,10 @@ from bench.common import (
     model_dir,
     pct,
     ratio,
-    request,
     started,
 )
 from bench.grammar import grammar
+from bench.load import completion_body, concurrent, request
 
 
 def _lm_models(path: Path, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -59,16 +57,9 @@ def _wait_ready(url: str, timeout: float = 300) -> None:
 # ---------------------------------------------------------------- single-stream decode
 
 
-def decode(s: Settings) -> dict[str, Any]:
-    """Single-stream greedy decode tokens/s: gateway (SSE) ÷ mlx_lm.stream_generate in-process.
-
-    Paired runs: the baseline stays loaded in its own process and its runs alternate with the
-    gateway's (ABBA order), so a drift in the machine's speed (GPU clocks, a neighbour) lands
-    on both sides. ``BatchGenerator`` alone and the worker's ``LMEngine`` in-process, each in a
-    fresh process, split the engine's cost from the sockets'."""
-    path = model_dir(s)
-    max_tokens = s.pick(128, 256, 16)
-    reps = s.pick(4, 10, 2)
+def _paired_decode(path: Path, max_tokens: int, reps: int) -> tuple[list[float], ...]:
+    """``reps`` ABBA pairs (after one warm-up pair): the gateway's decode tokens/s and TTFT,
+    then mlx_lm.stream_generate's in its own process."""
     rates, ttfts, base_rates, base_ttfts = [], [], [], []
     with InprocLoop(str(path), "--max-tokens", str(max_tokens), "--mode", "stream") as base, \
             started(gateway(_lm_models(path))) as srv:
@@ -92,6 +83,20 @@ def decode(s: Settings) -> dict[str, Any]:
             if i == 0:
                 for warm_up in (rates, ttfts, base_rates, base_ttfts):
                     warm_up.clear()
+    return rates, ttfts, base_rates, base_ttfts
+
+
+def decode(s: Settings) -> dict[str, Any]:
+    """Single-stream greedy decode tokens/s: gateway (SSE) ÷ mlx_lm.stream_generate in-process.
+
+    Paired runs: the baseline stays loaded in its own process and its runs alternate with the
+    gateway's (ABBA order), so a drift in the machine's speed (GPU clocks, a neighbour) lands
+    on both sides. ``BatchGenerator`` alone and the worker's ``LMEngine`` in-process, each in a
+    fresh process, split the engine's cost from the sockets'."""
+    path = model_dir(s)
+    max_tokens = s.pick(128, 256, 16)
+    reps = s.pick(4, 10, 2)
+    rates, ttfts, base_rates, base_ttfts = _paired_decode(path, max_tokens, reps)
 
     def one_shot(mode: str) -> dict[str, Any]:
         return inproc("decode", str(path), "--max-tokens", str(max_tokens), "--reps",

@@ -22,17 +22,16 @@ from bench.common import (
     MLXLMServer,
     Settings,
     _run,
-    completion_body,
     figure,
     gateway,
     inproc,
     median,
     model_dir,
-    request,
     started,
     wait_spare,
     wait_unloaded,
 )
+from bench.load import completion_body, request
 
 PATHS: dict[str, dict[str, Any]] = {
     "fork": {"fork_server": True, "warm_spare": False},
