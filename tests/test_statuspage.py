@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 from PIL import Image
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.observe.statuspage import EventHub, StatusPage
-from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
+from mlx_supervisor.gateway.testing.browser import color_share, status_page
 from mlx_supervisor.gateway.testing.server import ServerProcess
 from mlx_supervisor.shared.config import Config
 
@@ -146,72 +146,63 @@ def hot_row(page: Page, model: str) -> Any:
 
 def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
     green = (0x2E, 0x9D, 0x5B)  # --ready in style.css
-    with ServerProcess({"alpha": fake(), "beta": fake()}, SETTINGS) as srv, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(srv.url + "/")
-            page.wait_for_selector("#banner:not([hidden])")
-            assert "admin key" in page.inner_text("#banner")
-            page.fill("#key", ADMIN)
-            page.click("#keyform button")
-            page.wait_for_selector('#catalog tbody tr[data-model="beta"]')
-            page.wait_for_selector("#conn.on")
-            assert page.is_visible("#noworkers") and page.is_hidden("#banner")
-            assert page.evaluate("localStorage.getItem('mlx-supervisor.adminKey')") == ADMIN
+    with ServerProcess({"alpha": fake(), "beta": fake()}, SETTINGS) as srv, status_page(srv.url) as page:
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "admin key" in page.inner_text("#banner")
+        page.fill("#key", ADMIN)
+        page.click("#keyform button")
+        page.wait_for_selector('#catalog tbody tr[data-model="beta"]')
+        page.wait_for_selector("#conn.on")
+        assert page.is_visible("#noworkers") and page.is_hidden("#banner")
+        assert page.evaluate("localStorage.getItem('mlx-supervisor.adminKey')") == ADMIN
 
-            chat(srv, "alpha")  # appears after a request...
-            hot_row(page, "alpha").wait_for()
-            # The page polls once a second: it may first have shown the row while loading.
-            page.wait_for_selector('#workers tbody tr[data-model="alpha"][data-state="ready"]')
-            pid = httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"][0]["pid"]
-            assert str(pid) in hot_row(page, "alpha").inner_text()
-            page.wait_for_selector('#events li[data-kind="ready"]')
-            httpx.post(srv.url + "/admin/models/alpha/unload", headers=AUTH, timeout=30)
-            hot_row(page, "alpha").wait_for(state="detached")  # ...and goes after an unload
+        chat(srv, "alpha")  # appears after a request...
+        hot_row(page, "alpha").wait_for()
+        # The page polls once a second: it may first have shown the row while loading.
+        page.wait_for_selector('#workers tbody tr[data-model="alpha"][data-state="ready"]')
+        pid = httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"][0]["pid"]
+        assert str(pid) in hot_row(page, "alpha").inner_text()
+        page.wait_for_selector('#events li[data-kind="ready"]')
+        httpx.post(srv.url + "/admin/models/alpha/unload", headers=AUTH, timeout=30)
+        hot_row(page, "alpha").wait_for(state="detached")  # ...and goes after an unload
 
-            chat(srv, "beta")
-            # Settled: ready and idle (a row is re-rendered only when what it shows changes).
-            page.wait_for_selector('#workers tbody tr[data-model="beta"][data-state="ready"]')
-            page.wait_for_function("document.querySelector('#workers tbody tr .inflight')"
-                                   "?.textContent === '0'")
-            page.wait_for_selector('#membar span[data-model="beta"]')
-            row = hot_row(page, "beta")
+        chat(srv, "beta")
+        # Settled: ready and idle (a row is re-rendered only when what it shows changes).
+        page.wait_for_selector('#workers tbody tr[data-model="beta"][data-state="ready"]')
+        page.wait_for_function("document.querySelector('#workers tbody tr .inflight')"
+                               "?.textContent === '0'")
+        page.wait_for_selector('#membar span[data-model="beta"]')
+        row = hot_row(page, "beta")
 
-            def layout() -> list[dict[str, float] | None]:
-                return [row.locator(".state").bounding_box(), row.locator(".bar").bounding_box(),
-                        row.locator(".bar > i").bounding_box(),
-                        page.locator('#membar span[data-model="beta"]').bounding_box()]
+        def layout() -> list[dict[str, float] | None]:
+            return [row.locator(".state").bounding_box(), row.locator(".bar").bounding_box(),
+                    row.locator(".bar > i").bounding_box(),
+                    page.locator('#membar span[data-model="beta"]').bounding_box()]
 
-            before = layout()
-            shot_path = tmp_path / "status-hot.png"
-            page.screenshot(path=str(shot_path), full_page=True)
-            badge, bar, fill, overall = layout()
-            assert before == [badge, bar, fill, overall]  # nothing moved around the screenshot
-            assert badge and bar and fill and overall
-            shot = Image.open(shot_path)
-            assert shot.size[0] == 1280
-            # The pixels show what the DOM claims: a green ready badge, a green memory bar at
-            # 40% of the budget (100 MB of 250 MB), and the page-wide memory bar.
-            assert color_share(shot, badge, green) > 0.4
-            assert color_share(shot, fill, green) > 0.9
-            assert abs(fill["width"] / bar["width"] - 0.4) < 0.02
-            assert color_share(shot, overall, green) > 0.6
-            assert "PINNED" not in hot_row(page, "beta").inner_text()
+        before = layout()
+        shot_path = tmp_path / "status-hot.png"
+        page.screenshot(path=str(shot_path), full_page=True)
+        badge, bar, fill, overall = layout()
+        assert before == [badge, bar, fill, overall]  # nothing moved around the screenshot
+        assert badge and bar and fill and overall
+        shot = Image.open(shot_path)
+        assert shot.size[0] == 1280
+        # The pixels show what the DOM claims: a green ready badge, a green memory bar at
+        # 40% of the budget (100 MB of 250 MB), and the page-wide memory bar.
+        assert color_share(shot, badge, green) > 0.4
+        assert color_share(shot, fill, green) > 0.9
+        assert abs(fill["width"] / bar["width"] - 0.4) < 0.02
+        assert color_share(shot, overall, green) > 0.6
+        assert "PINNED" not in hot_row(page, "beta").inner_text()
 
-            page.click('#catalog tbody tr[data-model="beta"] button[data-action="unload"]')
-            hot_row(page, "beta").wait_for(state="detached")
-            page.wait_for_selector("#noworkers:not([hidden])")
-            deadline = time.monotonic() + 15
-            while httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] == []
-            page.wait_for_selector('#events li[data-kind="stopped"]')
-            assert "unloaded by admin" in page.inner_text("#events")
-            page.screenshot(path=str(tmp_path / "status-after-unload.png"), full_page=True)
-            assert errors == []
-        finally:
-            browser.close()
+        page.click('#catalog tbody tr[data-model="beta"] button[data-action="unload"]')
+        hot_row(page, "beta").wait_for(state="detached")
+        page.wait_for_selector("#noworkers:not([hidden])")
+        deadline = time.monotonic() + 15
+        while httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/admin/ps", headers=AUTH).json()["workers"] == []
+        page.wait_for_selector('#events li[data-kind="stopped"]')
+        assert "unloaded by admin" in page.inner_text("#events")
+        page.screenshot(path=str(tmp_path / "status-after-unload.png"), full_page=True)

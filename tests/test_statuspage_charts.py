@@ -13,12 +13,11 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from mlx_supervisor.gateway.api.gateway import Gateway
 from mlx_supervisor.gateway.api.run import Outcome
 from mlx_supervisor.gateway.observe.history import History
-from mlx_supervisor.gateway.testing.browser import CHROMIUM_ARGS, chromium, color_share
+from mlx_supervisor.gateway.testing.browser import color_share, status_page
 from mlx_supervisor.gateway.testing.cli import fake
 from mlx_supervisor.gateway.testing.fakehub import HubProcess
 from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
@@ -100,77 +99,68 @@ def test_charts_pull_form_and_playground_in_headless_chromium(hub_root: Path, de
     models = {"alpha": fake(), "llama": {"path": str(demo_model_dir)}}
     with HubProcess(hub_root, rate=size / 4) as hub, \
             ServerProcess(models, {"memory_budget": "2GB"}, env=hub.env(tmp_path / "cache")) as srv, \
-            sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(srv.url + "/")
-            page.wait_for_selector("#conn.on")
+            status_page(srv.url) as page:
+        page.wait_for_selector("#conn.on")
 
-            # Charts: traffic shows up as alpha's series with non-zero rates, drawn in its color.
-            for _ in range(4):
-                chat(srv.url, "alpha")
-            page.wait_for_function("document.querySelector('#chart-tps').dataset.series === 'alpha'",
-                                   timeout=20_000)
-            page.wait_for_function("charts.tps.plot.data[1].some((v) => v > 0)", timeout=20_000)
-            assert page.evaluate("charts.rps.plot.data[1].some((v) => v > 0)")
-            assert page.evaluate("charts.mem.plot.data[1].some((v) => v === 100000000)")
-            assert page.evaluate("charts.mem.plot.data[2].every((v) => v === 2000000000)")  # budget
-            shot_path = tmp_path / "charts.png"
-            page.screenshot(path=str(shot_path), full_page=True)
-            shot = Image.open(shot_path)
-            for chart in ("#chart-tps canvas", "#chart-mem canvas"):
-                box = page.locator(chart).bounding_box()
-                assert box and color_share(shot, box, BLUE) > 0.002, chart
+        # Charts: traffic shows up as alpha's series with non-zero rates, drawn in its color.
+        for _ in range(4):
+            chat(srv.url, "alpha")
+        page.wait_for_function("document.querySelector('#chart-tps').dataset.series === 'alpha'",
+                               timeout=20_000)
+        page.wait_for_function("charts.tps.plot.data[1].some((v) => v > 0)", timeout=20_000)
+        assert page.evaluate("charts.rps.plot.data[1].some((v) => v > 0)")
+        assert page.evaluate("charts.mem.plot.data[1].some((v) => v === 100000000)")
+        assert page.evaluate("charts.mem.plot.data[2].every((v) => v === 2000000000)")  # budget
+        shot_path = tmp_path / "charts.png"
+        page.screenshot(path=str(shot_path), full_page=True)
+        shot = Image.open(shot_path)
+        for chart in ("#chart-tps canvas", "#chart-mem canvas"):
+            box = page.locator(chart).bounding_box()
+            assert box and color_share(shot, box, BLUE) > 0.002, chart
 
-            # The pull form: a live progress bar, then the model is in the catalog.
-            page.fill("#pullrepo", "test-org/tiny-llama")
-            page.click("#pullform button")
-            page.wait_for_function("(() => { const p = document.querySelector('.pullrow progress');"
-                                   " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
-            assert "of" in page.inner_text(".pullrow .line .muted")
-            page.wait_for_selector(".pullrow.done", timeout=60_000)
-            assert "served as tiny-llama" in page.inner_text(".pullrow")
-            page.wait_for_selector('#catalog tbody tr[data-model="tiny-llama"]')
-            assert page.locator('.pullrow[data-repo="test-org/tiny-llama"]').count() == 1
+        # The pull form: a live progress bar, then the model is in the catalog.
+        page.fill("#pullrepo", "test-org/tiny-llama")
+        page.click("#pullform button")
+        page.wait_for_function("(() => { const p = document.querySelector('.pullrow progress');"
+                               " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
+        assert "of" in page.inner_text(".pullrow .line .muted")
+        page.wait_for_selector(".pullrow.done", timeout=60_000)
+        assert "served as tiny-llama" in page.inner_text(".pullrow")
+        page.wait_for_selector('#catalog tbody tr[data-model="tiny-llama"]')
+        assert page.locator('.pullrow[data-repo="test-org/tiny-llama"]').count() == 1
 
-            # A pull started elsewhere (the CLI, another client) shows up on the page too.
-            elsewhere = threading.Thread(target=lambda: httpx.post(
-                srv.url + "/admin/models/pull", json={"repo": "test-org/other-llama"}, timeout=120).read())
-            elsewhere.start()
-            other = '.pullrow[data-repo="test-org/other-llama"]'
-            page.wait_for_function(f"(() => {{ const p = document.querySelector('{other} progress');"
-                                   " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
-            page.wait_for_selector(other + ".done", timeout=60_000)
-            elsewhere.join(60)
-            assert "served as other-llama" in page.inner_text(other)
-            kinds = page.eval_on_selector_all("#events li", "els => els.map((e) => e.dataset.kind)")
-            assert kinds and not {"sample", "pull"} & set(kinds)  # the events list keeps to lifecycle
+        # A pull started elsewhere (the CLI, another client) shows up on the page too.
+        elsewhere = threading.Thread(target=lambda: httpx.post(
+            srv.url + "/admin/models/pull", json={"repo": "test-org/other-llama"}, timeout=120).read())
+        elsewhere.start()
+        other = '.pullrow[data-repo="test-org/other-llama"]'
+        page.wait_for_function(f"(() => {{ const p = document.querySelector('{other} progress');"
+                               " return p && p.value > 0 && p.value < p.max; })()", timeout=30_000)
+        page.wait_for_selector(other + ".done", timeout=60_000)
+        elsewhere.join(60)
+        assert "served as other-llama" in page.inner_text(other)
+        kinds = page.eval_on_selector_all("#events li", "els => els.map((e) => e.dataset.kind)")
+        assert kinds and not {"sample", "pull"} & set(kinds)  # the events list keeps to lifecycle
 
-            # The playground: a cold model loads on demand (shown), the answer streams in.
-            page.evaluate("""() => {
-                window.seen = {status: [], lengths: []};
-                new MutationObserver(() => seen.status.push(playstatus.textContent))
-                    .observe(playstatus, {childList: true, characterData: true, subtree: true});
-                new MutationObserver(() => seen.lengths.push(playout.textContent.length))
-                    .observe(playout, {childList: true, characterData: true, subtree: true});
-            }""")
-            page.select_option("#playmodel", "llama")
-            page.fill("#playmsg", "Hello there")
-            page.click("#playsend")
-            page.wait_for_selector('#playout[data-done="1"]', timeout=60_000)
-            seen = page.evaluate("seen")
-            assert any("loading" in s or "starting" in s for s in seen["status"]), seen["status"]
-            # It grew piece by piece (the gateway batches SSE writes, so how many pieces varies).
-            assert len(set(seen["lengths"])) >= 2 and any("streaming" in s for s in seen["status"])
-            final = page.inner_text("#playstatus")
-            assert "TTFT" in final and "tokens/s" in final and "200 tokens" in final, final
-            assert page.inner_text("#playout").strip()
-            page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
-            print(f"screenshot: {tmp_path / 'status-page.png'}")  # docs/status-page.png is one
-            assert errors == []
-            assert hub.gets("test-org/tiny-llama", "model.safetensors")
-        finally:
-            browser.close()
+        # The playground: a cold model loads on demand (shown), the answer streams in.
+        page.evaluate("""() => {
+            window.seen = {status: [], lengths: []};
+            new MutationObserver(() => seen.status.push(playstatus.textContent))
+                .observe(playstatus, {childList: true, characterData: true, subtree: true});
+            new MutationObserver(() => seen.lengths.push(playout.textContent.length))
+                .observe(playout, {childList: true, characterData: true, subtree: true});
+        }""")
+        page.select_option("#playmodel", "llama")
+        page.fill("#playmsg", "Hello there")
+        page.click("#playsend")
+        page.wait_for_selector('#playout[data-done="1"]', timeout=60_000)
+        seen = page.evaluate("seen")
+        assert any("loading" in s or "starting" in s for s in seen["status"]), seen["status"]
+        # It grew piece by piece (the gateway batches SSE writes, so how many pieces varies).
+        assert len(set(seen["lengths"])) >= 2 and any("streaming" in s for s in seen["status"])
+        final = page.inner_text("#playstatus")
+        assert "TTFT" in final and "tokens/s" in final and "200 tokens" in final, final
+        assert page.inner_text("#playout").strip()
+        page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+        print(f"screenshot: {tmp_path / 'status-page.png'}")  # docs/status-page.png is one
+        assert hub.gets("test-org/tiny-llama", "model.safetensors")

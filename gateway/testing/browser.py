@@ -3,9 +3,12 @@ that a screenshot shows what the DOM claims."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 
 from PIL import Image
+from playwright.sync_api import Page, sync_playwright
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -17,6 +20,23 @@ def chromium() -> str:
         if path:
             return path
     raise AssertionError("no Chromium found: apt-get install -y chromium (see .ci/run)")
+
+
+@contextlib.contextmanager
+def status_page(url: str) -> Iterator[Page]:
+    """The gateway's status page at ``url`` in headless Chromium, closed after; a JavaScript
+    error on the page fails the test."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            yield page
+            assert errors == []
+        finally:
+            browser.close()
 
 
 def color_share(shot: Image.Image, box: dict[str, float], rgb: tuple[int, int, int]) -> float:
