@@ -19,8 +19,8 @@ in it). Here it meets the model's tokenizer, and the matcher follows the sequenc
 
 Cost: the matcher must see the last token before it can mask the next, which undoes one step
 of mlx-lm's lookahead for that row (the forward pass is started first, so it runs while we wait).
-In ``BatchGenerator`` any logits processor also moves the batch onto its per-row path; on a tiny
-model that path costs more than the grammar itself (bench/RESULTS.md).
+In ``BatchGenerator`` a processor would also move the whole batch onto its per-row path, so
+there the grammar rows are masked together, in one op (:mod:`lm_batch`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, hf: Any, eos: list[int]) -> None:
         self.tokenizer, self.hf, self.eos = tokenizer, hf, eos
         self.vocab_size = vocab_size
+        self.n_vocab = max(vocab_size, len(hf))  # llguidance's vocabulary, so its masks' size
         self._llg: Any = None
 
     @classmethod
@@ -111,7 +112,7 @@ class Grammars:
         think_end = None
         if initial_state(self.tokenizer, ids) == "reasoning":
             think_end = tuple(self.tokenizer.think_end_tokens)
-        return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end)
+        return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end, self.n_vocab)
 
     def build(self, req: Generate, ids: list[int]) -> GrammarProcessor | Error | None:
         """:meth:`processor`, with a grammar that does not compile as the 400 to answer."""
@@ -125,20 +126,25 @@ class Grammars:
         if self._llg is None:
             import llguidance.hf
 
-            n_vocab = max(self.vocab_size, len(self.hf))
-            self._llg = llguidance.hf.from_tokenizer(self.hf, n_vocab=n_vocab, eos_token=self.eos)
+            self._llg = llguidance.hf.from_tokenizer(self.hf, n_vocab=self.n_vocab,
+                                                     eos_token=self.eos)
         return self._llg
 
 
 class GrammarProcessor:
-    """One request's matcher as a logits processor ``(tokens, logits) -> logits``."""
+    """One request's matcher as a logits processor ``(tokens, logits) -> logits``.
+
+    In ``BatchGenerator`` it is not called per row: :class:`lm_batch.MaskedBatch` feeds every
+    row's matcher its last token (:meth:`take`) and masks the whole batch at once (:meth:`fill`,
+    :func:`apply_mask`). The call is for the solo path and a batch's first step."""
 
     def __init__(self, matcher: Any, vocab_size: int, eos: list[int],
-                 think_end: tuple[int, ...] | None) -> None:
+                 think_end: tuple[int, ...] | None, n_vocab: int = 0) -> None:
         self.matcher = matcher
-        self.vocab_size = vocab_size
-        self.eos_only = np.zeros(vocab_size, dtype=bool)
-        self.eos_only[[e for e in eos if e < vocab_size]] = True
+        self.n_vocab = max(n_vocab, vocab_size)  # llguidance's vocabulary: its mask's size
+        eos_only = np.zeros(words(self.n_vocab) * 32, dtype=bool)
+        eos_only[[e for e in eos if e < vocab_size]] = True
+        self.eos_words = np.packbits(eos_only, bitorder="little").view(np.int32)
         self.think_end = think_end  # None: the grammar applies now
         self.recent: list[int] = []
         self.fresh = True
@@ -148,16 +154,46 @@ class GrammarProcessor:
         self.fresh = True
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        last = None
         if not self.fresh:
             # The matcher needs the last token now: start this step's forward pass first, so
             # it runs while we wait for that token and compute the mask.
             mx.async_eval(logits)
-            last: Any = tokens[-1].item()
-            self._consume(int(last))
-        self.fresh = False
-        if self.think_end is not None:
+            item: Any = tokens[-1].item()
+            last = int(item)
+        self.take(last)
+        if not self.masking:
             return logits
-        return self._apply(logits)
+        bitmask = self.blank(1)
+        self.fill(bitmask, 0)
+        return apply_mask(logits, bitmask)
+
+    def take(self, last: int | None) -> None:
+        """The token sampled last (None or ignored on a first call, which has none)."""
+        if not self.fresh and last is not None:
+            self._consume(last)
+        self.fresh = False
+
+    @property
+    def masking(self) -> bool:
+        """False while thinking: nothing is masked yet."""
+        return self.think_end is None
+
+    def blank(self, rows: int) -> np.ndarray:
+        """A mask for ``rows`` rows that allows everything (llguidance's own layout)."""
+        from llguidance.numpy import allocate_token_bitmask
+
+        return allocate_token_bitmask(rows, self.n_vocab)
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None:
+        """Write the next token's mask into ``bitmask[row]`` (EOS only once done or failed)."""
+        m = self.matcher
+        if m.is_stopped() or m.is_error():
+            bitmask[row] = self.eos_words
+        else:
+            from llguidance.numpy import fill_next_token_bitmask
+
+            fill_next_token_bitmask(m, bitmask, row)
 
     def _consume(self, token: int) -> None:
         if self.think_end is not None:
@@ -169,16 +205,24 @@ class GrammarProcessor:
         if not m.is_stopped() and not m.is_error() and not m.consume_token(token):
             log.warning("grammar refused token %d: %s", token, m.get_error())
 
-    def _apply(self, logits: mx.array) -> mx.array:
-        m = self.matcher
-        n = logits.shape[-1]
-        if m.is_stopped() or m.is_error():
-            allowed = self.eos_only[:n]
-        else:
-            words = np.frombuffer(m.compute_bitmask(), dtype=np.int32)
-            if _METAL:
-                from llguidance.mlx import apply_token_bitmask
 
-                return apply_token_bitmask(logits, words[None]).reshape(logits.shape)
-            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
-        return mx.where(mx.array(allowed), logits, -mx.inf)
+def words(n_vocab: int) -> int:
+    """32-bit words in a mask over ``n_vocab`` tokens."""
+    return (n_vocab + 31) // 32
+
+
+def apply_mask(logits: mx.array, bitmask: np.ndarray) -> mx.array:
+    """``logits`` (rows x vocab, or rows x 1 x vocab) with every token that ``bitmask``'s row
+    (llguidance's int32 bit words) forbids at -inf: one op for the whole batch."""
+    shape = logits.shape
+    flat = logits.reshape(shape[0], shape[-1])
+    n = shape[-1]
+    if _METAL:
+        from llguidance.mlx import apply_token_bitmask
+
+        return apply_token_bitmask(flat, bitmask).reshape(shape)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+    if bits.shape[1] < n:  # tokens beyond llguidance's vocabulary are never allowed
+        bits = np.pad(bits, ((0, 0), (0, n - bits.shape[1])))
+    allowed = mx.array(bits[:, :n].astype(bool))
+    return mx.where(allowed, flat, -mx.inf).reshape(shape)

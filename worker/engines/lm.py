@@ -25,6 +25,7 @@ Decisions worth knowing:
   and tool calls (``Chunk.tool_calls``, parsed by the tokenizer's tool parser) off the text.
 - Grammars (tool_choice required/named, response_format): one llguidance matcher per request,
   the last of its logits processors (:mod:`grammar`); a hand-over rewinds it with the sampler.
+  In the batch all grammar rows are masked in one op (:mod:`lm_batch`'s ``Generator``).
 - Chunks: one per request per decode step; text held back (a partial stop string or an
   incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
 """
@@ -38,7 +39,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx_lm
-from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
+from mlx_lm.generate import StopSequences, make_stop_sequences
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.sample_utils import make_logits_processors
 
@@ -61,6 +62,7 @@ from mlx_supervisor.worker.engines.base import (
     vocab_size,
 )
 from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
+from mlx_supervisor.worker.engines.lm_batch import Generator
 from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
@@ -96,7 +98,7 @@ class LMEngine:
         self.batch_sizes = (completion_batch_size, prefill_batch_size, prefill_step_size)
         self.model: Any = None
         self.tokenizer: Any = None
-        self.gen: BatchGenerator | None = None
+        self.gen: Generator | None = None
         self.key = ""
         self.vocab_size = 0
         self.model_id = "model"
@@ -132,9 +134,9 @@ class LMEngine:
         # The stream of *this* thread: mlx-lm's default generation stream is thread-local.
         completion, prefill, step = self.batch_sizes
         self.stream = mx.default_stream(mx.default_device())
-        self.gen = BatchGenerator(self.model, stream=self.stream,
-                                  completion_batch_size=completion, prefill_batch_size=prefill,
-                                  prefill_step_size=step)
+        self.gen = Generator(self.model, stream=self.stream,
+                             completion_batch_size=completion, prefill_batch_size=prefill,
+                             prefill_step_size=step)
 
     # ---------------------------------------------------------------- requests
 
