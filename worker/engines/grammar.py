@@ -40,6 +40,7 @@ log = logging.getLogger("mlx_supervisor.worker")
 
 JSON_TOOLS = "mlx_lm.tool_parsers.json_tools"
 _METAL = mx.metal.is_available()
+COMPILED_GRAMMARS = 64  # compiled grammars kept per engine, for requests that repeat a schema
 
 
 def _term(tokenizer: Any, text: str) -> str:
@@ -91,6 +92,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self.n_vocab = max(vocab_size, len(hf))  # llguidance's vocabulary, so its masks' size
         self._llg: Any = None
+        self._compiled: dict[str, Any] = {}  # lark text -> a matcher never fed (oldest first)
 
     @classmethod
     def of_lm(cls, tokenizer: Any, vocab_size: int) -> Grammars:
@@ -104,11 +106,7 @@ class Grammars:
         lark = grammar.lark(req, *(terms or (None, None)))
         if lark is None:
             return None
-        from llguidance import LLMatcher
-
-        matcher = LLMatcher(self._tokenizer(), LLMatcher.grammar_from_lark(lark), log_level=0)
-        if matcher.is_error():
-            raise ValueError(matcher.get_error())
+        matcher = self._matcher(lark)
         think_end = None
         if initial_state(self.tokenizer, ids) == "reasoning":
             think_end = tuple(self.tokenizer.think_end_tokens)
@@ -122,6 +120,21 @@ class Grammars:
             return bad_request(req.id, f"the grammar does not compile for this model: {e}",
                                param="response_format")
 
+    def _matcher(self, lark: str) -> Any:
+        """A fresh matcher for ``lark``: a copy of one compiled before (agents send the same
+        schema again and again; compiling costs ~1.5 ms, a copy ~3 µs)."""
+        proto = self._compiled.get(lark)
+        if proto is None:
+            from llguidance import LLMatcher
+
+            proto = LLMatcher(self._tokenizer(), LLMatcher.grammar_from_lark(lark), log_level=0)
+            if proto.is_error():
+                raise ValueError(proto.get_error())
+            if len(self._compiled) >= COMPILED_GRAMMARS:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[lark] = proto
+        return proto.deep_copy()
+
     def _tokenizer(self) -> Any:
         if self._llg is None:
             import llguidance.hf
@@ -134,9 +147,9 @@ class Grammars:
 class GrammarProcessor:
     """One request's matcher as a logits processor ``(tokens, logits) -> logits``.
 
-    In ``BatchGenerator`` it is not called per row: :class:`lm_batch.MaskedBatch` feeds every
-    row's matcher its last token (:meth:`take`) and masks the whole batch at once (:meth:`fill`,
-    :func:`apply_mask`). The call is for the solo path and a batch's first step."""
+    In ``BatchGenerator`` it is not called per row: :class:`lm_batch.MaskedBatch` hands every
+    grammar row to :func:`mask_rows` at once. The call is for the solo path and a batch's first
+    step (one row each)."""
 
     def __init__(self, matcher: Any, vocab_size: int, eos: list[int],
                  think_end: tuple[int, ...] | None, n_vocab: int = 0) -> None:
@@ -154,56 +167,74 @@ class GrammarProcessor:
         self.fresh = True
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        last = None
+        last = [0]
         if not self.fresh:
             # The matcher needs the last token now: start this step's forward pass first, so
             # it runs while we wait for that token and compute the mask.
             mx.async_eval(logits)
             item: Any = tokens[-1].item()
-            last = int(item)
-        self.take(last)
-        if not self.masking:
-            return logits
-        bitmask = self.blank(1)
-        self.fill(bitmask, 0)
-        return apply_mask(logits, bitmask)
+            last = [int(item)]
+        bitmask = mask_rows([(0, self)], last, 1)
+        return logits if bitmask is None else apply_mask(logits, bitmask)
 
-    def take(self, last: int | None) -> None:
-        """The token sampled last (None or ignored on a first call, which has none)."""
-        if not self.fresh and last is not None:
-            self._consume(last)
-        self.fresh = False
-
-    @property
-    def masking(self) -> bool:
-        """False while thinking: nothing is masked yet."""
-        return self.think_end is None
-
-    def blank(self, rows: int) -> np.ndarray:
-        """A mask for ``rows`` rows that allows everything (llguidance's own layout)."""
-        from llguidance.numpy import allocate_token_bitmask
-
-        return allocate_token_bitmask(rows, self.n_vocab)
-
-    def fill(self, bitmask: np.ndarray, row: int) -> None:
-        """Write the next token's mask into ``bitmask[row]`` (EOS only once done or failed)."""
-        m = self.matcher
-        if m.is_stopped() or m.is_error():
-            bitmask[row] = self.eos_words
-        else:
-            from llguidance.numpy import fill_next_token_bitmask
-
-            fill_next_token_bitmask(m, bitmask, row)
-
-    def _consume(self, token: int) -> None:
+    def to_consume(self, last: int) -> int | None:
+        """What the matcher must consume of ``last``, the token sampled last: nothing on a
+        first call, while thinking (which it follows here) or once the matcher is done."""
+        if self.fresh:
+            self.fresh = False
+            return None
         if self.think_end is not None:
-            self.recent = (self.recent + [token])[-len(self.think_end):]
+            self.recent = (self.recent + [last])[-len(self.think_end):]
             if tuple(self.recent) == self.think_end:
                 self.think_end = None
-            return
+            return None
         m = self.matcher
-        if not m.is_stopped() and not m.is_error() and not m.consume_token(token):
-            log.warning("grammar refused token %d: %s", token, m.get_error())
+        return None if m.is_stopped() or m.is_error() else last
+
+
+def mask_rows(rows: list[tuple[int, GrammarProcessor]], last: list[int],
+              n_rows: int) -> np.ndarray | None:
+    """Feed each grammar row (batch index, processor) its last token and return the batch's
+    llguidance bitmask (rows without a grammar allow everything), or None if no row masks yet.
+    Both steps go to llguidance's executor in one call each, for all rows."""
+    from llguidance.numpy import (
+        allocate_token_bitmask,
+        consume_token_par,
+        fill_next_token_bitmask_par,
+    )
+
+    eat = [(g, t) for e, g in rows if (t := g.to_consume(last[e])) is not None]
+    if eat:
+        for (g, t), ok in zip(eat, consume_token_par(_executor(), [(g.matcher, t) for g, t in eat]),
+                              strict=True):
+            if not ok:
+                log.warning("grammar refused token %d: %s", t, g.matcher.get_error())
+    masking = [(e, g) for e, g in rows if g.think_end is None]
+    if not masking:
+        return None
+    bitmask = allocate_token_bitmask(n_rows, masking[0][1].n_vocab)
+    live = []
+    for e, g in masking:
+        if g.matcher.is_stopped() or g.matcher.is_error():
+            bitmask[e] = g.eos_words  # done or failed: only EOS, so the request ends
+        else:
+            live.append((g.matcher, e))
+    if live:
+        fill_next_token_bitmask_par(_executor(), live, bitmask)
+    return bitmask
+
+
+_EXECUTOR: Any = None
+
+
+def _executor() -> Any:
+    """llguidance's thread pool for a batch's matchers (one per process)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from llguidance import LLExecutor
+
+        _EXECUTOR = LLExecutor()
+    return _EXECUTOR
 
 
 def words(n_vocab: int) -> int:

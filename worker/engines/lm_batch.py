@@ -6,7 +6,7 @@ more than llguidance does (bench/RESULTS.md). Here the batch's step hides each r
 (:class:`grammar.GrammarProcessor`, always its row's last processor) from that loop and masks
 the model's logits instead, before any other processor sees them: every matcher takes its row's
 last token, writes its row of one llguidance bitmask, and one ``where`` (the Metal kernel where
-present) applies it. Other processors (penalties, logit bias) still run per row, for their rows
+present) applies it; llguidance's executor consumes and masks all rows in one call each. Other processors (penalties, logit bias) still run per row, for their rows
 only; none of them can lift a -inf.
 
 The hook is the model call inside ``_step`` (the one place between the forward pass and the
@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from mlx_supervisor.worker.engines.grammar import GrammarProcessor, apply_mask
+from mlx_supervisor.worker.engines.grammar import GrammarProcessor, apply_mask, mask_rows
 
 
 class _Masking:
@@ -36,13 +36,7 @@ class _Masking:
         logits = self.model(inputs, cache=cache)
         mx.async_eval(logits)  # the forward pass runs while the matchers wait and work
         last: Any = inputs.reshape(-1).tolist()
-        bitmask = None
-        for e, g in self.rows:
-            g.take(int(last[e]))
-            if g.masking:
-                if bitmask is None:
-                    bitmask = g.blank(logits.shape[0])
-                g.fill(bitmask, e)
+        bitmask = mask_rows(self.rows, last, logits.shape[0])
         return logits if bitmask is None else apply_mask(logits, bitmask)
 
 
