@@ -44,15 +44,15 @@ class MaskedBatch(GenerationBatch):
     """mlx-lm's generation batch, with its grammar rows masked as one batch."""
 
     def _step(self) -> Any:
-        procs = self.logits_processors
-        rows = [(e, ps[-1]) for e, ps in enumerate(procs or ())
+        procs = self.logits_processors or []
+        rows = [(e, ps[-1]) for e, ps in enumerate(procs)
                 if ps and isinstance(ps[-1], GrammarProcessor)]
         if not rows:
             return super()._step()
         model = self.model
         self.model = _Masking(model, rows)  # type: ignore[assignment]
-        self.logits_processors = [ps[:-1] if ps and isinstance(ps[-1], GrammarProcessor)
-                                  else ps for ps in procs]
+        grammar = {e for e, _ in rows}
+        self.logits_processors = [ps[:-1] if e in grammar else ps for e, ps in enumerate(procs)]
         try:
             return super()._step()
         finally:
