@@ -97,7 +97,9 @@ class FakeEngine:
 
     def load(self, path: str, model_id: str = "") -> LoadInfo:
         if self.crash_at_load:
-            print("RuntimeError: fake engine crashing at load (FAKE_CRASH_AT_LOAD)", file=sys.stderr, flush=True)
+            # A detail line for the operator's tail, then the cause line a client is given.
+            print("fake engine: FAKE_CRASH_AT_LOAD set, crashing now", file=sys.stderr, flush=True)
+            print("RuntimeError: fake engine crashing at load", file=sys.stderr, flush=True)
             os._exit(1)
         if self.load_seconds > 0:
             time.sleep(self.load_seconds)
