@@ -1,14 +1,22 @@
 """Flow control between a stream and its worker: ``Pause`` stops one request's output (the fake
-engine takes the sequence out of its steps; the real LM engine's output is held, merged), and
-``Resume`` brings it back with nothing lost. The gateway's stream buffer sends them."""
+and the real LM engine take the sequence out of their decode steps; an engine without pause has
+its output held, merged), and ``Resume`` brings it back with nothing lost. The gateway's stream
+buffer sends them; a real tiny LM behind a real gateway stops decoding for a non-reader."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import socket
 import time
 from pathlib import Path
 
+import httpx
+import psutil
+
 from mlx_supervisor.gateway.supervisor.transport import RequestStream
+from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate, Heartbeat, Pause, Ready, Resume
 
@@ -59,7 +67,7 @@ def test_fake_worker_pauses_one_sequence_and_resumes_it(workers) -> None:
     assert tokens == 200 and text.split() == [f"tok{i}" for i in range(200)]
 
 
-def test_lm_worker_holds_a_paused_requests_output_and_loses_nothing(workers, demo_model_dir: Path) -> None:
+def test_lm_worker_pauses_a_sequence_and_loses_nothing(workers, demo_model_dir: Path) -> None:
     w = workers.spawn("tiny", "lm", demo_model_dir)
     w.recv(timeout=30)
     assert isinstance(w.recv(timeout=60), Ready)
@@ -91,3 +99,51 @@ def test_the_stream_buffer_pauses_resumes_and_caps_a_reader_that_fell_behind() -
         assert isinstance(msgs[-1], p.Error) and msgs[-1].code == "slow_consumer"
 
     asyncio.run(run())
+
+
+def _non_reader(srv: ServerProcess, rid: str, max_tokens: int) -> socket.socket:
+    """A streaming chat request from a client that never reads a byte."""
+    body = json.dumps({"model": "demo", "messages": CHAT, "max_tokens": max_tokens,
+                       "temperature": 0.0, "stream": True}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", srv.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body))
+              + body)
+    return s
+
+
+def test_a_non_reading_stream_stops_taking_decode_steps_in_a_real_lm_worker(
+        demo_model_dir: Path) -> None:
+    models = {"demo": {"path": str(demo_model_dir), "context_length": 200_000}}
+    with ServerProcess(models, {"write_timeout": 15.0}) as srv:
+        sock = _non_reader(srv, "nr", 150_000)
+        try:
+            wait_for(lambda: "nr paused after" in srv.log(), 120, what="the non-reader paused")
+            good = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+                "model": "demo", "messages": CHAT, "max_tokens": 20, "temperature": 0.0})
+            assert good.status_code == 200, good.text
+            assert good.json()["usage"]["completion_tokens"] == 20
+            job = httpx.get(f"{srv.url}/v1/jobs/nr", timeout=10).json()
+            assert job["status"] == "processing", job
+            worker = psutil.Process(job["pid"])
+            seen, cpu = _flow_events(srv), sum(worker.cpu_times()[:2])
+            time.sleep(3)
+            used = sum(worker.cpu_times()[:2]) - cpu
+            assert _flow_events(srv) == seen and seen[-1][0] == "paused", seen
+            # Decoding on would take about a core; paused, the worker only sends heartbeats.
+            assert used < 1.0, f"the worker used {used:.2f} CPU-s in 3 s with its one request paused"
+            wait_for(lambda: "nr cancelled" in srv.log(), 60, what="the cut")
+        finally:
+            sock.close()
+        job = httpx.get(f"{srv.url}/v1/jobs/nr", timeout=10).json()
+        assert job["status"] == "cancelled" and job["error"]["type"] == "write_timeout", job
+        assert 0 < job["usage"]["completion_tokens"] < 150_000
+    assert srv.orphans == []
+
+
+def _flow_events(srv: ServerProcess) -> list[tuple[str, str]]:
+    """The LM engine's pause/resume log lines for the request "nr": (verb, tokens so far)."""
+    return re.findall(r"nr (paused|resumed) after (\d+) tokens", srv.log())

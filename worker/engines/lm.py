@@ -26,6 +26,7 @@ Decisions worth knowing:
 - Grammars (tool_choice required/named, response_format): one llguidance matcher per request,
   the last of its logits processors (:mod:`grammar`); a hand-over rewinds it with the sampler.
   In the batch all grammar rows are masked in one op (:mod:`lm_batch`'s ``Generator``).
+- Flow control (:mod:`lm_flow`): a paused sequence sits out of the steps with its KV cache.
 - Chunks: one per request per decode step; text held back (a partial stop string or an
   incomplete UTF-8 character) rides with a later chunk, whose ``tokens`` counts it.
 """
@@ -63,6 +64,7 @@ from mlx_supervisor.worker.engines.base import (
 )
 from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_batch import Generator
+from mlx_supervisor.worker.engines.lm_flow import FlowControl, Paused
 from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
@@ -87,7 +89,7 @@ class _Running:
     here: int = 0  # tokens since it joined the batch or went solo (> 0: past its prefill there)
 
 
-class LMEngine:
+class LMEngine(FlowControl):
     def __init__(self, context_length: int = 0, prompt_cache_entries: int = 10,
                  prompt_cache_bytes: int = 1 << 30, completion_batch_size: int = 32,
                  prefill_batch_size: int = 8, prefill_step_size: int = 512) -> None:
@@ -106,6 +108,8 @@ class LMEngine:
         self.grammars: Grammars | None = None
         self.running: dict[int, _Running] = {}
         self.by_id: dict[str, int] = {}
+        self.paused: dict[str, Paused] = {}
+        self.pausing: set[str] = set()
         self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
         self.solo: Solo | None = None
         self._solo_uids = 0  # negative, so never a BatchGenerator uid
@@ -229,6 +233,8 @@ class LMEngine:
         log.info("%s goes on alone after %d tokens", st.req.id, st.completion)
 
     def cancel(self, request_id: str) -> None:
+        if self._drop_paused(request_id):
+            return
         uid = self.by_id.pop(request_id, None)
         if uid is not None:
             self.running.pop(uid, None)
@@ -256,6 +262,7 @@ class LMEngine:
                 emit(Error(id=failed.req.id, message=f"generation failed: {e}", status=500))
             self.running.clear()
             self.by_id.clear()
+            self.pausing.clear()
             self.solo = None
             if solo is None:
                 try:
@@ -296,6 +303,7 @@ class LMEngine:
             caches = self.gen.remove(stopped_by_text, return_prompt_caches=True)
             for cache, tokens in caches.values():
                 self.prompt_cache.insert_cache(self.key, list(tokens), cache)
+        self._pause_pending()
         self._leave_batch()
         self._maybe_idle()
 
@@ -343,6 +351,8 @@ class LMEngine:
         self.solo = None
         self.running.clear()
         self.by_id.clear()
+        self.paused.clear()
+        self.pausing.clear()
         self.prompt_cache = LRUPromptCache(max_size=1)
         self.wired.release()
         self.model = self.tokenizer = None
