@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test lint sizes bench clean
+.PHONY: setup system-deps node-deps serve test lint sizes bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ serve: setup
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: setup system-deps
+# The Node clients tests/test_clients.py drives (npm openai, Vercel AI SDK), from the lockfile.
+NODE_STAMP := tests/clients/node_modules/.package-lock.json
+$(NODE_STAMP): tests/clients/package-lock.json
+	cd tests/clients && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
+node-deps: system-deps $(NODE_STAMP)
+
+test: setup system-deps node-deps
 	$(PY) -m pytest
 
 lint: setup
@@ -38,4 +46,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tests/clients/node_modules build *.egg-info .pytest_cache .mypy_cache .ruff_cache
