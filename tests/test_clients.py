@@ -198,6 +198,20 @@ async def test_langchain_chat_openai(srv: ServerProcess) -> None:
     await asyncio.gather(*(one(kind, stream) for kind, stream in MATRIX))
 
 
+def test_langchain_default_parallel_calls_are_all_valid(srv: ServerProcess) -> None:
+    # LangChain's default (parallel_tool_calls unset): the random model calls until max_tokens;
+    # every complete call is valid, the cut one is dropped, and nothing is content.
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=srv.url + "/v1", api_key=pydantic.SecretStr("x"), model="tools",
+                      temperature=0, max_completion_tokens=120, max_retries=0, timeout=120)
+    msg: Any = chat.bind_tools([GetWeather], tool_choice="GetWeather").invoke("Weather?")
+    assert msg.response_metadata["finish_reason"] == "length"
+    assert msg.content == "" and not msg.invalid_tool_calls and len(msg.tool_calls) >= 2
+    for c in msg.tool_calls:
+        GetWeather.model_validate(c["args"])
+
+
 # ---------------------------------------------------------------- litellm
 
 

@@ -174,6 +174,10 @@ class TokenStep:
         self.logprobs: list[TokenLogprob] = []
         self.tool_text = ""
         self.called = False
+        # tool_choice required / a named function: the grammar forces calls, so text outside
+        # them is only its separators, and a call cut short is no answer text either.
+        self.forced = bool(req.tools) and req.tool_choice in ("required", "function")
+        self._gap: str | None = None  # whitespace since the last call (None: not right after one)
         self._stops = stops
         self._keep = max((len(w) for w in stops), default=0)
         self._tail = ""  # the last raw text, enough to name the stop string that matches
@@ -229,13 +233,24 @@ class TokenStep:
                 calls += more
                 content.append(raw)
             if state == "normal":
-                content.append(piece)
+                content.append(self._text(piece))
             elif state == "reasoning":
                 reasoning.append(piece)
             elif state == "tool":
                 self.tool_text += piece
             self.where = state
         return "".join(content), "".join(reasoning), calls
+
+    def _text(self, piece: str) -> str:
+        """Answer text to send. Whitespace right after a call (the newline models and the
+        grammar put between calls) is held, and is content only if more text follows."""
+        if self._gap is None:
+            return piece
+        self._gap += piece
+        if self.forced or not self._gap.strip():
+            return ""
+        out, self._gap = self._gap, None
+        return out
 
     def _end_call(self) -> tuple[list[ToolCall], str]:
         """Parse the finished tool-call block: (calls, text to send instead if it is no call)."""
@@ -245,6 +260,9 @@ class TokenStep:
             assert parser is not None
             parsed = parser(text, self.tools)
         except Exception as e:  # a call cut short (length) or malformed: it stays text
+            if self.forced:  # the grammar made it markup: only the end can cut it short
+                log.warning("%s: forced tool call cut short (%s); dropped", self.req_id, e)
+                return [], ""
             log.warning("%s: tool call not parsed (%s); sent as text", self.req_id, e)
             return [], start + text
         calls = []
@@ -255,4 +273,5 @@ class TokenStep:
                                   arguments=args if isinstance(args, str)
                                   else json.dumps(args, ensure_ascii=False)))
         self.called = self.called or bool(calls)
+        self._gap = "" if calls else self._gap
         return calls, ""
