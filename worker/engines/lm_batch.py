@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from mlx_supervisor.worker.engines.grammar import GrammarProcessor, apply_mask, mask_rows
+from mlx_supervisor.worker.engines.grammar import GrammarProcessor, apply_mask, mask_rows, start
 
 
 class _Masking:
@@ -34,8 +34,7 @@ class _Masking:
 
     def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
         logits = self.model(inputs, cache=cache)
-        mx.async_eval(logits)  # the forward pass runs while the matchers wait and work
-        last: Any = inputs.reshape(-1).tolist()
+        last = start(inputs.reshape(-1), logits)
         bitmask = mask_rows(self.rows, last, logits.shape[0])
         return logits if bitmask is None else apply_mask(logits, bitmask)
 
