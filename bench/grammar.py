@@ -1,13 +1,17 @@
 """Constrained decoding's cost: decode tokens/s with a ``json_schema`` grammar ÷ the same chat
 request without one, both through the same gateway in the same run.
 
-The schema holds one free string, so a random-weight model writes the whole ``max_tokens``
-inside it and both sides decode about the same number of tokens. Single stream: ABBA pairs of
-one greedy SSE stream each (per-token rate between the first and last token). 16 streams:
-ABBA rounds of 16 concurrent streams (aggregate tokens / wall time). Each side warms up first
-(the first grammar request also builds llguidance's tokenizer). For context, the same 16-stream
-pairing with mlx-lm's own ``repetition_penalty`` processor instead of the grammar: any logits
-processor moves ``BatchGenerator`` onto its per-row path.
+Equal work on both sides: the schema holds one free string whose ``minLength`` is
+``MIN_CHARS_PER_TOKEN`` × ``max_tokens`` characters, so the JSON cannot close before
+``max_tokens`` (a greedy random-weight model otherwise closes it early now and then, and a
+16-stream round then decodes fewer tokens in a shrinking batch). Every request's
+``completion_tokens`` is checked: a figure passes only if each request on both sides decoded
+exactly ``max_tokens``. Single stream: ABBA pairs of one greedy SSE stream each (per-token rate
+between the first and last token). 16 streams: ABBA rounds of 16 concurrent streams (aggregate
+tokens / wall time). Each side warms up first (the first grammar request also builds
+llguidance's tokenizer). For context, the same 16-stream pairing with mlx-lm's own
+``repetition_penalty`` processor instead of the grammar: any logits processor moves
+``BatchGenerator`` onto its per-row path.
 """
 
 from __future__ import annotations
@@ -26,8 +30,16 @@ from bench.common import (
 )
 from bench.load import concurrent, request
 
-SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
-          "additionalProperties": False}
+MIN_CHARS_PER_TOKEN = 16  # the bench model writes ~2.5 characters per token inside the string
+
+
+def schema(max_tokens: int) -> dict[str, Any]:
+    """One free string too long to close within ``max_tokens``."""
+    story = {"type": "string", "minLength": MIN_CHARS_PER_TOKEN * max_tokens}
+    return {"type": "object", "properties": {"story": story}, "required": ["story"],
+            "additionalProperties": False}
+
+
 CHAT = "/v1/chat/completions"
 
 
@@ -41,23 +53,42 @@ def _body(max_tokens: int, prompt: str, constrained: bool | str) -> dict[str, An
         body["repetition_penalty"] = 1.01
     elif constrained:
         body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "story", "schema": SCHEMA}}
+                                   "json_schema": {"name": "story", "schema": schema(max_tokens)}}
     return body
 
 
-def _single(port: int, max_tokens: int, tag: str, constrained: bool) -> float:
+class Decoded:
+    """Every request's ``completion_tokens``, per side (True: the grammar or the penalty)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[bool, list[int]] = {True: [], False: []}
+
+    def add(self, constrained: bool | str, tokens: list[int]) -> None:
+        self.counts[bool(constrained)] += tokens
+
+    def equal(self, max_tokens: int) -> bool:
+        return all(n == max_tokens for side in self.counts.values() for n in side)
+
+    def summary(self) -> dict[str, list[int]]:
+        return {("with" if k else "without"): [min(v), max(v)] for k, v in self.counts.items() if v}
+
+
+def _single(port: int, max_tokens: int, tag: str, constrained: bool, seen: Decoded) -> float:
     r = asyncio.run(request(port, CHAT, _body(max_tokens, f"Tell a story {tag}", constrained)))
     if r.status != 200:
         raise RuntimeError(f"grammar bench request failed: {r.status} {r.error}")
+    seen.add(constrained, [r.completion_tokens])
     return r.decode_tps()
 
 
-def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool | str) -> float:
+def _many(port: int, n: int, max_tokens: int, tag: str, constrained: bool | str,
+          seen: Decoded) -> float:
     bodies = [[_body(max_tokens, f"Story {i} {tag}", constrained)] for i in range(n)]
     wall, results = asyncio.run(concurrent(port, bodies, path=CHAT))
     bad = [r for r in results if r.status != 200]
     if bad:
         raise RuntimeError(f"grammar bench request failed: {bad[0].status} {bad[0].error}")
+    seen.add(constrained, [r.completion_tokens for r in results])
     return sum(r.completion_tokens for r in results) / wall
 
 
@@ -80,28 +111,31 @@ def grammar(s: Settings) -> dict[str, Any]:
     path = model_dir(s)
     max_tokens = s.pick(96, 192, 12)
     reps, streams = s.pick(4, 8, 1), 16
+    one_seen, many_seen, pen_seen = Decoded(), Decoded(), Decoded()
     with started(gateway(_lm_models(path))) as srv:
         _wait_ready(srv.url)
-        one_on, one_off = _paired(reps, lambda tag, c: _single(srv.port, max_tokens, tag, c))
-        many_on, many_off = _paired(max(2, reps // 2),
-                                    lambda tag, c: _many(srv.port, streams, max_tokens, tag, c))
-        pen_on, pen_off = _paired(max(2, reps // 2),
-                                  lambda tag, c: _many(srv.port, streams, max_tokens, tag, c),
-                                  arm="penalty")
+        one_on, one_off = _paired(
+            reps, lambda tag, c: _single(srv.port, max_tokens, tag, c, one_seen))
+        many_on, many_off = _paired(
+            max(2, reps // 2), lambda tag, c: _many(srv.port, streams, max_tokens, tag, c, many_seen))
+        pen_on, pen_off = _paired(
+            max(2, reps // 2), lambda tag, c: _many(srv.port, streams, max_tokens, tag, c, pen_seen),
+            arm="penalty")
     figs = []
-    for name, on, off in (("single stream", one_on, one_off),
-                          (f"{streams} streams (aggregate)", many_on, many_off)):
+    for name, on, off, seen in (("single stream", one_on, one_off, one_seen),
+                                (f"{streams} streams (aggregate)", many_on, many_off, many_seen)):
         r = ratio(median(on), median(off))
         figs.append(figure(f"json_schema grammar vs none, {name}", median(on), median(off),
                            "tokens/s", "higher", "the same chat request without a grammar",
-                           target=">= 0.9", passed=r >= 0.9))
+                           target=">= 0.9", passed=r >= 0.9 and seen.equal(max_tokens),
+                           decoded_tokens=seen.summary()))
     figs.append(figure(f"context: repetition_penalty (mlx-lm's own processor) vs none, {streams} "
                        "streams", median(pen_on), median(pen_off), "tokens/s", "higher",
-                       "the same chat request without a processor"))
+                       "the same chat request without a processor", decoded_tokens=pen_seen.summary()))
     return {"figures": figs, "details": {
         "penalty_with": [round(x, 1) for x in pen_on],
         "penalty_without": [round(x, 1) for x in pen_off],
         "max_tokens": max_tokens, "pairs": reps,
         "single_with": [round(x, 1) for x in one_on], "single_without": [round(x, 1) for x in one_off],
         "many_with": [round(x, 1) for x in many_on], "many_without": [round(x, 1) for x in many_off],
-        "schema": SCHEMA}}
+        "schema": schema(max_tokens)}}
