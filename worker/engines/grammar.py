@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import mlx.core as mx
@@ -168,8 +169,9 @@ class GrammarProcessor:
         self.fresh = True
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        last = [0] if self.fresh else start(tokens[-1:], logits)
-        bitmask = mask_rows([(0, self)], last, 1)
+        if not self.fresh:
+            return masked([(0, self)], tokens[-1:], logits)
+        bitmask = mask_rows([(0, self)], [0], 1)
         return logits if bitmask is None else apply_mask(logits, bitmask)
 
     def to_consume(self, last: int) -> int | None:
@@ -187,19 +189,39 @@ class GrammarProcessor:
         return None if m.is_stopped() or m.is_error() else last
 
 
-def start(last: mx.array, logits: mx.array) -> list[int]:
-    """Start this step's forward pass and return ``last`` (the tokens sampled last step), as
-    soon as they are known, while the forward pass runs on.
+def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
+           ) -> mx.array:
+    """``logits`` (the step's forward pass, not yet run) masked for ``rows``, whose matchers
+    first take ``last`` (the tokens sampled the step before).
 
-    Two ``async_eval`` calls, tokens first: one call gives every array it evaluates a single
-    event, signalled when the whole graph is done, and reading an array evaluated later queues
-    it behind the forward pass. Either way the matchers would wait for the forward pass, so
-    the mask would follow it instead of overlapping it (on the CPU backend 16 rows' steps took
-    1.5x as long; bench/RESULTS.md, run 8)."""
+    The tokens are evaluated on their own (one ``async_eval`` signals one event for all it
+    evaluates, and an array read after the forward pass is queued behind it: either way the
+    matchers would wait for the whole pass). Once they are known, llguidance consumes and
+    masks on a helper thread while this one starts the forward pass: on the CPU backend
+    ``async_eval`` returns only near the end of the graph, with the GIL released.
+    (bench/RESULTS.md, run 8: 16 rows' steps took 1.5x as long before.)"""
     mx.async_eval(last)
+    pending = _helper().submit(_read_and_mask, rows, last, logits.shape[0])
     mx.async_eval(logits)
-    tokens: Any = last.tolist()
-    return tokens
+    bitmask = pending.result()
+    return logits if bitmask is None else apply_mask(logits, bitmask)
+
+
+def _read_and_mask(rows: list[tuple[int, GrammarProcessor]], last: mx.array,
+                   n_rows: int) -> np.ndarray | None:
+    tokens: Any = last.tolist()  # already scheduled: this only waits for its event
+    return mask_rows(rows, tokens, n_rows)
+
+
+_HELPER: ThreadPoolExecutor | None = None
+
+
+def _helper() -> ThreadPoolExecutor:
+    """The thread that runs the matchers while the forward pass is started (one per process)."""
+    global _HELPER
+    if _HELPER is None:
+        _HELPER = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+    return _HELPER
 
 
 def mask_rows(rows: list[tuple[int, GrammarProcessor]], last: list[int],

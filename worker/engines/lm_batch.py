@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from mlx_supervisor.worker.engines.grammar import GrammarProcessor, apply_mask, mask_rows, start
+from mlx_supervisor.worker.engines.grammar import GrammarProcessor, masked
 
 
 class _Masking:
@@ -33,10 +33,7 @@ class _Masking:
         self.model, self.rows = model, rows
 
     def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
-        logits = self.model(inputs, cache=cache)
-        last = start(inputs.reshape(-1), logits)
-        bitmask = mask_rows(self.rows, last, logits.shape[0])
-        return logits if bitmask is None else apply_mask(logits, bitmask)
+        return masked(self.rows, inputs.reshape(-1), self.model(inputs, cache=cache))
 
 
 class MaskedBatch(GenerationBatch):
