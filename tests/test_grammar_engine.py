@@ -13,6 +13,7 @@ import pytest
 
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate, JsonFormat
 from mlx_supervisor.worker.engines.lm import LMEngine
+from mlx_supervisor.worker.testing import run_script, text
 
 ASK = [{"role": "user", "content": "Give me a small record."}]
 SCHEMA: dict[str, Any] = {
@@ -33,32 +34,6 @@ def engine(tools_model_dir: Path):
     e.close()
 
 
-def run_script(engine: LMEngine, script: dict[int, list]) -> tuple[dict[str, list], list[bool]]:
-    """Before step n do ``script[n]`` (Generate: submit, str: cancel); step until idle. Returns
-    each request's messages and, per step, whether one request was decoding alone."""
-    out: dict[str, list] = {}
-    alone: list[bool] = []
-    n = 0
-    while n <= max(script) or engine.has_work():
-        for action in script.get(n, []):
-            if isinstance(action, Generate):
-                out.setdefault(action.id, [])
-                engine.submit(action, lambda m: out[m.id].append(m))
-            else:
-                engine.cancel(action)
-        if engine.has_work():
-            engine.step(lambda m: out[m.id].append(m))
-        alone.append(engine.solo is not None)
-        n += 1
-        assert n < 5000
-    assert not engine.running and engine.solo is None
-    return out, alone
-
-
-def text(msgs: list) -> str:
-    return "".join(m.text for m in msgs if isinstance(m, Chunk))
-
-
 def calls(msgs: list) -> list[tuple[str, str]]:
     return [(c.name, c.arguments) for m in msgs if isinstance(m, Chunk) for c in m.tool_calls]
 
@@ -74,8 +49,9 @@ def test_a_grammar_survives_the_hand_over_into_the_batch_and_back(engine: LMEngi
     jsonschema.validate(json.loads(alone), SCHEMA)
     noise = Generate(id="n", messages=ASK, max_tokens=6, temperature=1.0)
     for at in (1, 3, 6):  # a hands over at its first tokens, and later
-        out, solo_steps = run_script(engine, {0: [a], at: [noise]})
+        out, steps = run_script(engine, {0: [a], at: [noise]})
         assert text(out["a"]) == alone, at
+        solo_steps = [s.alone for s in steps]
         assert solo_steps[0] and not all(solo_steps) and solo_steps[-2]  # alone, batch, alone
 
 

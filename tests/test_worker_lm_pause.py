@@ -13,6 +13,7 @@ import pytest
 
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate, JsonFormat
 from mlx_supervisor.worker.engines.lm import LMEngine
+from mlx_supervisor.worker.testing import run_script, text
 
 CHAT = [{"role": "user", "content": "Hello there, how are you today?"}]
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -37,39 +38,6 @@ def tools_engine(tools_model_dir: Path):
     yield from _engine(tools_model_dir)
 
 
-def run_script(engine: LMEngine, script: dict[int, list]) -> tuple[dict[str, list], list[set]]:
-    """Before step n do ``script[n]``: a Generate is submitted, ``(verb, id)`` calls
-    ``engine.pause``/``resume``/``cancel``. Returns each request's messages and, per step, the
-    ids that got a message in that step."""
-    out: dict[str, list] = {}
-    seen: list[set] = []
-    n = 0
-    while n <= max(script) or engine.has_work():
-        for action in script.get(n, []):
-            if isinstance(action, Generate):
-                out.setdefault(action.id, [])
-                engine.submit(action, lambda m: out[m.id].append(m))
-            else:
-                getattr(engine, action[0])(action[1])
-        got: set = set()
-
-        def emit(m, got: set = got) -> None:
-            out[m.id].append(m)
-            got.add(m.id)
-
-        if engine.has_work():
-            engine.step(emit)
-        seen.append(got)
-        n += 1
-        assert n < 5000
-    assert not engine.running and not engine.by_id and not engine.paused and engine.solo is None
-    return out, seen
-
-
-def text(msgs: list) -> str:
-    return "".join(m.text for m in msgs if isinstance(m, Chunk))
-
-
 def done(msgs: list) -> Done:
     assert isinstance(msgs[-1], Done), msgs[-1]
     return msgs[-1]
@@ -84,8 +52,9 @@ def test_a_paused_sequence_sits_out_while_the_other_decodes(engine: LMEngine):
     b = Generate(id="b", messages=CHAT, max_tokens=40, temperature=0.0)
     want_a, want_b = alone(engine, a), alone(engine, b)
     for at in (3, 8):  # paused in the batch, early and later
-        out, seen = run_script(engine, {0: [a], 1: [b], at: [("pause", "a")],
-                                        at + 20: [("resume", "a")]})
+        out, steps = run_script(engine, {0: [a], 1: [b], at: [("pause", "a")],
+                                         at + 20: [("resume", "a")]})
+        seen = [s.got for s in steps]
         assert not any("a" in s for s in seen[at:at + 20]), at
         assert all("b" in s for s in seen[at + 2:at + 20]), at  # b decodes on, every step
         assert text(out["a"]) == want_a and text(out["b"]) == want_b, at
@@ -95,7 +64,8 @@ def test_a_paused_sequence_sits_out_while_the_other_decodes(engine: LMEngine):
 def test_a_lone_paused_sequence_leaves_the_engine_idle_and_resumes_exactly(engine: LMEngine):
     a = Generate(id="a", prompt="Once upon a time", max_tokens=30, temperature=0.0)
     want = alone(engine, a)
-    out, seen = run_script(engine, {0: [a], 4: [("pause", "a")], 5: [], 9: [("resume", "a")]})
+    out, steps = run_script(engine, {0: [a], 4: [("pause", "a")], 5: [], 9: [("resume", "a")]})
+    seen = [s.got for s in steps]
     assert seen[4:9] == [set()] * 5 and text(out["a"]) == want
     # resumed while another runs: it joins the batch, still exact
     b = Generate(id="b", messages=CHAT, max_tokens=30, temperature=0.0)
@@ -116,7 +86,8 @@ def test_a_seeded_sequence_reproduces_across_a_pause(engine: LMEngine):
 def test_a_pause_while_prefilling_in_the_batch_takes_at_the_first_token(engine: LMEngine):
     a = Generate(id="a", prompt="Once upon a time", max_tokens=20, temperature=0.0)
     b = Generate(id="b", messages=CHAT, max_tokens=30, temperature=0.0)
-    out, seen = run_script(engine, {0: [a, b], 1: [("pause", "a")], 15: [("resume", "a")]})
+    out, steps = run_script(engine, {0: [a, b], 1: [("pause", "a")], 15: [("resume", "a")]})
+    seen = [s.got for s in steps]
     assert sum(isinstance(m, Chunk) for m in out["a"][:-1]) >= 1
     assert not any("a" in s for s in seen[4:15])
     assert text(out["a"]) == alone(engine, a) and text(out["b"]) == alone(engine, b)
@@ -137,8 +108,9 @@ def test_a_grammar_keeps_its_state_across_a_pause(tools_engine: LMEngine):
 def test_cancel_while_paused_drops_it_and_the_other_goes_on(engine: LMEngine):
     a = Generate(id="a", prompt="Once upon a time", max_tokens=200, temperature=0.0)
     b = Generate(id="b", messages=CHAT, max_tokens=30, temperature=0.0)
-    out, seen = run_script(engine, {0: [a, b], 5: [("pause", "a")], 8: [("cancel", "a")],
-                                    9: [("resume", "a")]})
+    out, steps = run_script(engine, {0: [a, b], 5: [("pause", "a")], 8: [("cancel", "a")],
+                                     9: [("resume", "a")]})
+    seen = [s.got for s in steps]
     assert not any("a" in s for s in seen[5:]) and not isinstance(out["a"][-1], Done)
     assert text(out["b"]) == alone(engine, b)
     lone, _ = run_script(engine, {0: [a], 3: [("pause", "a")], 4: [("cancel", "a")]})
