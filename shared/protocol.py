@@ -281,8 +281,10 @@ class ZygoteHello(Base, tag="zygote_hello"):
     threads: int
     rss: int = 0
     cuda: bool = False
-    """The CUDA driver is loaded (MLX's CUDA backend makes its context at import): the zygote
-    refuses to fork, and the gateway stops it and spawns fresh interpreters instead."""
+    """A CUDA context exists in the zygote (mlx imported on MLX's CUDA backend): it refuses to
+    fork, and the gateway stops it and spawns fresh interpreters instead."""
+    pre_mlx: bool = False
+    """The zygote stopped short of mlx (the CUDA backend): each child imports mlx itself."""
 
 
 class Forked(Base, tag="forked"):

@@ -25,6 +25,7 @@ import pytest
 from mlx_supervisor.gateway.supervisor import forkserver
 from mlx_supervisor.gateway.supervisor.process import WorkerProcess, worker_env
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate, Ready, encode
+from mlx_supervisor.worker import zygote
 
 PROMPT = "The quick brown fox"
 
@@ -71,18 +72,28 @@ async def _stop(wp: WorkerProcess) -> None:
     await asyncio.wait_for(wp.wait(), 10)
 
 
+def _libmlx_mapped(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        return "libmlx" in f.read()
+
+
+@pytest.mark.parametrize("pre_mlx", ["0", "1"], ids=["imports-mlx", "pre-mlx"])
 def test_forked_workers_give_the_same_greedy_tokens_as_spawned_ones(
-        workers: Any, demo_model_dir: Path) -> None:
+        workers: Any, demo_model_dir: Path, pre_mlx: str) -> None:
+    """Both zygote modes: with mlx imported (CPU, the default there) and stopping short of mlx
+    (the CUDA backend's default, forced here), where each child imports mlx itself."""
     spawned = workers.spawn("m", "lm", demo_model_dir)
     _ready(workers, spawned.worker_id)
     want = _generate(workers, spawned.worker_id)
     assert want[1] == 24 and want[0]
 
     async def main() -> None:
-        fs = forkserver.ForkServer(worker_env({}))
+        fs = forkserver.ForkServer(worker_env({zygote.PRE_MLX_ENV: pre_mlx}))
         await fs.start()
         hello = await fs.ready(120)
         assert hello.pid == fs.pid
+        assert hello.pre_mlx == (pre_mlx == "1") and not hello.cuda
+        assert _libmlx_mapped(hello.pid) == (pre_mlx == "0")
         kids: list[WorkerProcess] = []
         try:
             for wid in ("f1", "f2"):  # two from one zygote: the second is as sound as the first

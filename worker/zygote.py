@@ -9,7 +9,10 @@ Rules it keeps:
 
 - **Nothing forks after an MLX device, stream or CUDA context exists.** The zygote only
   imports (``preload(..., start_device=False)``): no array is built, nothing is evaluated. The
-  first device use is the child's own.
+  first device use is the child's own. On MLX's CUDA backend ``import mlx.core`` itself creates
+  a CUDA context, so there the zygote stops short of mlx (**pre-mlx** mode): it imports
+  transformers, tokenizers, numpy and the worker's own modules (about 9.5 s on the H200 box,
+  where transformers pulls in torch) and each child imports mlx and mlx_lm (0.3-0.5 s).
 - **A worker is the gateway's child, not ours.** The zygote forks an intermediate that forks the
   worker and exits at once; the gateway is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so the
   worker is re-parented to it. The gateway reaps it like any worker, a zygote crash leaves
@@ -56,6 +59,12 @@ WARM_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwe
                 "mlx_lm.models.activations", "mlx_lm.models.rope_utils",
                 "transformers.image_utils", "transformers.image_transforms",
                 "transformers.video_utils")
+# Pre-mlx mode: what mlx_lm.load's imports pull in that does not import mlx (module, attribute;
+# transformers resolves its names lazily, so the attribute is what imports the code).
+PRE_MLX = (("numpy", ""), ("jinja2", ""), ("safetensors", ""), ("tokenizers", ""),
+           ("huggingface_hub", ""), ("transformers", "AutoTokenizer"),
+           ("transformers", "PreTrainedTokenizerFast"), ("transformers", "AutoConfig"))
+PRE_MLX_ENV = "MLX_SUPERVISOR_ZYGOTE_PRE_MLX"  # "1": pre-mlx on any backend (tests), "0": never
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,24 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_supervisor.worker.engines import preload
 
     t0 = time.monotonic()
-    for kind in filter(None, args.kinds.split(",")):
-        preload(kind, start_device=False)
+    pre_mlx = _pre_mlx()
+    if pre_mlx:
+        _import_pre_mlx()
+    else:
+        for kind in filter(None, args.kinds.split(",")):
+            preload(kind, start_device=False)
     # The worker's own modules too (zmq, psutil, msgspec): importing them opens nothing.
     import mlx_supervisor.worker.main  # noqa: F401
 
-    _import_quietly(WARM_MODULES)
+    _import_quietly(tuple(m for m in WARM_MODULES if not (pre_mlx and m.startswith("mlx"))))
 
     took = time.monotonic() - t0
-    threads, cuda = _threads(), _cuda_loaded()
+    threads, cuda = _threads(), _cuda_context()
     ctl = socket.socket(fileno=args.control_fd)
     ctl.send(encode(ZygoteHello(pid=os.getpid(), import_seconds=took, threads=threads,
-                                rss=_rss(), cuda=cuda)))
+                                rss=_rss(), cuda=cuda, pre_mlx=pre_mlx)))
     if cuda:
         log.warning("the CUDA driver is loaded after the imports (a CUDA context exists): "
                     "refusing to fork")
     else:
-        log.info("imports for %s done in %.2fs (%d threads); ready to fork", args.kinds, took,
-                 threads)
+        log.info("imports for %s%s done in %.2fs (%d threads); ready to fork", args.kinds,
+                 " (pre-mlx: each child imports mlx)" if pre_mlx else "", took, threads)
     return _serve(ctl, parent, cuda)
 
 
@@ -238,12 +251,47 @@ def _reseed() -> None:
         mx.random.seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _cuda_loaded() -> bool:
-    """libcuda is mapped: on MLX's CUDA backend ``import mlx.core`` creates a context (seen on
-    an H200 with mlx-cuda-13 0.32.4), and a context does not survive a fork."""
+def _pre_mlx() -> bool:
+    """Stop short of mlx: forced by ``PRE_MLX_ENV``, else where MLX's CUDA backend is installed
+    (an ``mlx-cuda-*`` distribution), whose ``import mlx.core`` creates a CUDA context."""
+    forced = os.environ.get(PRE_MLX_ENV, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    from importlib import metadata
+
+    return any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("mlx-cuda")
+               for d in metadata.distributions())
+
+
+def _import_pre_mlx() -> None:
+    import importlib
+
+    for name, attr in PRE_MLX:
+        try:
+            mod = importlib.import_module(name)
+            if attr:
+                getattr(mod, attr)
+        except Exception as e:  # optional: the child's own import will say what is missing
+            log.debug("pre-mlx import of %s.%s failed: %s", name, attr, e)
+    if "mlx.core" in sys.modules:  # then _cuda_context() says so and the gateway stops us
+        log.warning("a pre-mlx import imported mlx.core")
+
+
+def _cuda_context() -> bool:
+    """A CUDA context exists here, which a fork does not carry: MLX's CUDA backend makes one at
+    ``import mlx.core`` (seen on an H200 with mlx-cuda-13 0.32.4), torch once ``torch.cuda`` is
+    initialised. libcuda merely mapped is no context: torch maps it at import, and children
+    forked from such a zygote ran MLX on the H200 (notes in bench/RESULTS.md)."""
+    if "mlx.core" in sys.modules and _mapped("libcuda.so"):
+        return True
+    torch_cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    return bool(torch_cuda is not None and torch_cuda.is_initialized())
+
+
+def _mapped(lib: str) -> bool:
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            return "libcuda.so" in f.read()
+            return lib in f.read()
     except OSError:
         return False
 

@@ -316,6 +316,7 @@ class ForkLauncher:
         return {"pid": fs.pid if fs else None, "ready": bool(fs and fs.alive and fs.hello),
                 "bytes": self.held_bytes(), "forks": self.forks, "crashes": self.crashes,
                 "import_seconds": fs.hello.import_seconds if fs and fs.hello else None,
+                "pre_mlx": fs.hello.pre_mlx if fs and fs.hello else None,
                 "disabled": self.disabled}
 
     def held_bytes(self) -> int:
