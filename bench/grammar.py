@@ -33,9 +33,12 @@ from bench.load import concurrent, request
 MIN_CHARS_PER_TOKEN = 16  # the bench model writes ~2.5 characters per token inside the string
 
 
-def schema(max_tokens: int) -> dict[str, Any]:
-    """One free string too long to close within ``max_tokens``."""
-    story = {"type": "string", "minLength": MIN_CHARS_PER_TOKEN * max_tokens}
+def schema(max_tokens: int, bounded: bool = True) -> dict[str, Any]:
+    """One free string too long to close within ``max_tokens`` (``bounded``), or with no
+    minLength at all (llguidance's mask is cheaper there: its lexer state repeats)."""
+    story: dict[str, Any] = {"type": "string"}
+    if bounded:
+        story["minLength"] = MIN_CHARS_PER_TOKEN * max_tokens
     return {"type": "object", "properties": {"story": story}, "required": ["story"],
             "additionalProperties": False}
 
@@ -44,16 +47,18 @@ CHAT = "/v1/chat/completions"
 
 
 def _body(max_tokens: int, prompt: str, constrained: bool | str) -> dict[str, Any]:
-    """``constrained``: True for the grammar; "penalty" for mlx-lm's own repetition-penalty
-    logits processor instead (the cost of any processor in ``BatchGenerator``)."""
+    """``constrained``: True for the grammar; "free" for the grammar without minLength;
+    "penalty" for mlx-lm's own repetition-penalty logits processor instead (the cost of any
+    processor in ``BatchGenerator``)."""
     body: dict[str, Any] = {"model": "m", "max_tokens": max_tokens, "temperature": 0.0,
                             "stream": True, "stream_options": {"include_usage": True},
                             "messages": [{"role": "user", "content": prompt}]}
     if constrained == "penalty":
         body["repetition_penalty"] = 1.01
     elif constrained:
+        sch = schema(max_tokens, bounded=constrained != "free")
         body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "story", "schema": schema(max_tokens)}}
+                                   "json_schema": {"name": "story", "schema": sch}}
     return body
 
 
@@ -73,7 +78,8 @@ class Decoded:
         return {("with" if k else "without"): [min(v), max(v)] for k, v in self.counts.items() if v}
 
 
-def _single(port: int, max_tokens: int, tag: str, constrained: bool, seen: Decoded) -> float:
+def _single(port: int, max_tokens: int, tag: str, constrained: bool | str, seen: Decoded
+            ) -> float:
     r = asyncio.run(request(port, CHAT, _body(max_tokens, f"Tell a story {tag}", constrained)))
     if r.status != 200:
         raise RuntimeError(f"grammar bench request failed: {r.status} {r.error}")
@@ -111,11 +117,13 @@ def grammar(s: Settings) -> dict[str, Any]:
     path = model_dir(s)
     max_tokens = s.pick(96, 192, 12)
     reps, streams = s.pick(4, 8, 1), 16
-    one_seen, many_seen, pen_seen = Decoded(), Decoded(), Decoded()
+    one_seen, many_seen, pen_seen, free_seen = Decoded(), Decoded(), Decoded(), Decoded()
     with started(gateway(_lm_models(path))) as srv:
         _wait_ready(srv.url)
         one_on, one_off = _paired(
             reps, lambda tag, c: _single(srv.port, max_tokens, tag, c, one_seen))
+        free_on, free_off = _paired(
+            reps, lambda tag, c: _single(srv.port, max_tokens, tag, c, free_seen), arm="free")
         many_on, many_off = _paired(
             reps, lambda tag, c: _many(srv.port, streams, max_tokens, tag, c, many_seen))
         pen_on, pen_off = _paired(
@@ -132,6 +140,10 @@ def grammar(s: Settings) -> dict[str, Any]:
     figs.append(figure(f"context: repetition_penalty (mlx-lm's own processor) vs none, {streams} "
                        "streams", median(pen_on), median(pen_off), "tokens/s", "higher",
                        "the same chat request without a processor", decoded_tokens=pen_seen.summary()))
+    figs.append(figure("context: json_schema without minLength (may close early; per-token rate) "
+                       "vs none, single stream", median(free_on), median(free_off), "tokens/s",
+                       "higher", "the same chat request without a grammar",
+                       decoded_tokens=free_seen.summary()))
     return {"figures": figs, "details": {
         "penalty_with": [round(x, 1) for x in pen_on],
         "penalty_without": [round(x, 1) for x in pen_off],
