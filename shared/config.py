@@ -127,6 +127,9 @@ class Config(Strict):
     fork_server: bool = True
     """Linux: fork workers from a zygote that has imported the MLX stack (ignored on macOS)."""
     learned_headroom: float = 0.25
+    recycle_workers: int = 8
+    """An idle worker evicted to admit another model unloads its model and loads the new one in
+    the same process (no spawn, no import), at most this many times per process; 0: never."""
     """Growth allowed on a model's measured footprint when it replaces the estimate; 0: off."""
     discover_hf_cache: bool = False
     allow_download: bool = False
@@ -231,7 +234,7 @@ def semantic_problems(cfg: Config, total_memory: int) -> list[tuple[str, str]]:
             out.append((f"$.{key}", f"must be positive (seconds), got {getattr(cfg, key)}"))
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         out.append(("$.heartbeat_timeout", "must be larger than heartbeat_interval"))
-    for key in ("warm_spares", "learned_headroom"):
+    for key in ("warm_spares", "learned_headroom", "recycle_workers"):
         if getattr(cfg, key) < 0:
             out.append((f"$.{key}", f"must not be negative, got {getattr(cfg, key)}"))
     names: dict[str, str] = {}

@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: Pause and Resume (flow control); 3: tools, grammars, reasoning chunks
+PROTOCOL_VERSION = 4  # 2: Pause and Resume (flow control); 3: tools, grammars, reasoning chunks;
+# 4: Unload / Unloaded (an evicted worker is recycled, not killed)
 """Bumped with any change to a message a peer of another version would misread. A worker says
 its version in ``Hello``; the gateway's transport refuses a mismatch as a load failure."""
 
@@ -107,6 +108,13 @@ class Resume(Base, tag="resume"):
     id: str
 
 
+class Unload(Base, tag="unload"):
+    """Drop the model (engine, weights, caches) and wait for the next ``Load``: the gateway
+    recycles an idle evicted worker instead of paying a new process. Answered by ``Unloaded``."""
+
+    reason: str = ""
+
+
 class Shutdown(Base, tag="shutdown"):
     reason: str = ""
 
@@ -158,6 +166,14 @@ class Ready(Base, tag="ready"):
     embedding_dims: int = 0
     ranks: list[RankInfo] = []
     """Sharded groups only: every rank; ``memory.rss`` is then the sum over the local ranks."""
+
+
+class Unloaded(Base, tag="unloaded"):
+    """The model is gone (collected, MLX's cache cleared); ``memory`` is measured after that,
+    so the gateway can charge the process what it still holds."""
+
+    memory: Memory
+    unload_seconds: float = 0.0
 
 
 class LoadFailed(Base, tag="load_failed"):
@@ -227,9 +243,9 @@ class Heartbeat(Base, tag="heartbeat"):
     """Sharded groups only, as in ``Ready``."""
 
 
-ToWorker = Load | Generate | Embed | Cancel | Pause | Resume | Shutdown | Ping
+ToWorker = Load | Generate | Embed | Cancel | Pause | Resume | Unload | Shutdown | Ping
 FromWorker = (
-    Hello | Ready | LoadFailed | Started | Chunk | Done | Embeddings | Error | Heartbeat
+    Hello | Ready | Unloaded | LoadFailed | Started | Chunk | Done | Embeddings | Error | Heartbeat
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -111,7 +111,7 @@ class Sim:
         self.fx = FakeEffects()
         self.pids = iter(range(100, 10**6))
         self.waiters: dict[str, list[Waiter]] = {}
-        config = Config(**{"warm_spare": False, **cfg})
+        config = Config(**{"warm_spare": False, "recycle_workers": 0, **cfg})
         self.core = Core.build(config, {e.id: e for e in entries}, {}, budget, self.fx,
                                clock=lambda: self.t)
 
@@ -630,3 +630,95 @@ def test_a_parked_request_lends_its_slot_and_takes_one_back_when_it_reads_again(
     sim.release(good)
     sim.release(lease_of(third))
     assert (w.inflight, w.parked) == (0, 0)
+
+
+# ---------------------------------------------------------------- recycling an evicted worker
+
+
+def _evict_b_for_c(sim: Any) -> tuple[Worker, Waiter]:
+    """a and b ready and idle (b least recent), then c's request evicts b."""
+    for m in ("b", "a"):
+        sim.acquire(m)
+        sim.boot(m, footprint=400 * MB)
+        sim.release(sim.lease(m))
+        sim.t += 1
+    b = sim.worker("b")
+    return b, sim.acquire("c")
+
+
+def test_an_evicted_idle_worker_unloads_and_takes_the_admitted_model(make: Any) -> None:
+    sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=2)
+    b, c = _evict_b_for_c(sim)
+    assert b.state is State.UNLOADING and sim.fx.sent[-1] == (b.worker_id, p.Unload(
+        reason="evicted (LRU) to make room for c: recycling its process"))
+    assert sim.core.slots["b"].worker is None and sim.core.slots["c"].state is SlotState.PENDING
+    assert not sim.fx.did("stop") and sim.fx.did("spawn") == ["b#1", "a#2"]
+    assert sim.core.used_bytes() <= sim.core.budget
+    sim.send(Control(b.worker_id, p.Unloaded(memory=p.Memory(rss=300 * MB))))
+    # The same process loads c: no spawn; charged c's need while it loads, never over budget.
+    assert sim.worker("c") is b and b.state is State.LOADING and b.recycles == 1
+    assert sim.fx.sent[-1] == (b.worker_id, p.Load(model_id="c", path="/m/c", kind="lm"))
+    assert sim.fx.did("spawn") == ["b#1", "a#2"] and b.bytes == 400 * MB
+    assert sim.core.used_bytes() <= sim.core.budget
+    sim.send(Control(b.worker_id, p.Ready(pid=b.pid or 0, kind="lm", load_seconds=0.1,
+                                          memory=p.Memory(active=350 * MB))))
+    assert lease_of(c).pid == b.pid and b.bytes == 350 * MB
+
+
+def test_a_worker_that_keeps_its_memory_after_unloading_is_stopped_not_recycled(make: Any) -> None:
+    sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=2)
+    b, _ = _evict_b_for_c(sim)
+    sim.send(Control(b.worker_id, p.Unloaded(memory=p.Memory(active=2000 * MB))))
+    assert b.state is State.STOPPING and sim.fx.did("stop") == [b.worker_id]
+    assert sim.core.slots["c"].worker is None  # c waits for the reap, as for any eviction
+    sim.exit(b)
+    assert sim.fx.did("spawn")[-1] == sim.worker("c").worker_id
+
+
+def test_a_worker_recycled_its_limit_of_times_is_stopped_as_before(make: Any) -> None:
+    sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=1)
+    for m in ("b", "a"):
+        sim.acquire(m)
+        sim.boot(m, footprint=400 * MB)
+        sim.release(sim.lease(m))
+        sim.t += 1
+    sim.worker("b").recycles = 1  # it has had its one recycle already
+    b = sim.worker("b")
+    sim.acquire("c")
+    assert b.state is State.STOPPING and sim.fx.did("stop") == [b.worker_id]
+
+
+def test_the_pure_recycling_rules() -> None:
+    from mlx_supervisor.gateway.supervisor.eviction import Reuse, keep_unloaded, recyclable
+
+    lm, vlm, emb = Reuse("lm", True), Reuse("vlm", True), Reuse("embeddings", True)
+    assert all(recyclable(x, y, 0, 8) for x in (lm, vlm, emb) for y in (lm, vlm, emb))
+    assert not recyclable(lm, lm, 8, 8) and not recyclable(lm, lm, 0, 0)
+    assert not recyclable(Reuse("lm", False), lm, 0, 8)  # sharded, or an env of its own
+    assert not recyclable(lm, Reuse("lm", False), 0, 8)
+    assert not recyclable(Reuse("fake", True), lm, 0, 8)
+    assert keep_unloaded(300 * MB, 0, 320 * MB) and not keep_unloaded(2000 * MB, 0, 320 * MB)
+    assert keep_unloaded(430 * MB, 300 * MB, 320 * MB)  # within 25% + 64 MiB of its floor
+    assert not keep_unloaded(500 * MB, 300 * MB, 320 * MB)  # it leaks: killed
+    assert not keep_unloaded(0, 0, 320 * MB)  # no reading: not trusted
+
+
+def test_a_crash_while_unloading_is_survived_and_the_admission_spawns(make: Any) -> None:
+    sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=2)
+    b, c = _evict_b_for_c(sim)
+    sim.exit(b, -11)
+    assert b.state is State.CRASHED and sim.core.slots["b"].state is SlotState.COLD
+    new = sim.worker("c")
+    assert new is not b and sim.fx.did("spawn")[-1] == new.worker_id
+    sim.boot("c")
+    assert lease_of(c).model_id == "c" and not sim.core.slots["b"].crashes
+
+
+def test_a_worker_slow_to_unload_is_killed(make: Any) -> None:
+    sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=2,
+               heartbeat_interval=1.0, heartbeat_timeout=60.0)
+    b, _ = _evict_b_for_c(sim)
+    for _ in range(12):
+        sim.core.workers[b.worker_id].last_heartbeat = sim.t  # alive, but never Unloaded
+        sim.tick(1.0)
+    assert b.state is State.KILLING and sim.fx.did("kill") == [b.worker_id]

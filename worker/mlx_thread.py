@@ -12,13 +12,16 @@ once a shutdown has been handled).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import psutil
 import zmq
@@ -40,6 +43,8 @@ from mlx_supervisor.shared.protocol import (
     Ready,
     Resume,
     Shutdown,
+    Unload,
+    Unloaded,
     encode,
 )
 from mlx_supervisor.worker.engines import make_engine
@@ -143,24 +148,32 @@ class MLXThread(threading.Thread):
             self._push.close()
 
     def _run(self) -> None:
+        """Wait for a model, serve it; after an ``Unload`` wait for the next one (recycled)."""
+        while True:
+            msg, early = self._wait_for_load()
+            if isinstance(msg, Shutdown):
+                for m in early:
+                    if isinstance(m, Generate | Embed):
+                        self.emit(Error(id=m.id, message="the worker is shutting down",
+                                        status=503, code="worker_shutdown"))
+                self._exit(0)
+                return
+            if not self._load(msg):
+                return
+            assert self.engine is not None
+            for m in early:
+                self._handle(self.engine, m)
+            if not self._serve():
+                return
+
+    def _wait_for_load(self) -> tuple[Load | Shutdown, list[object]]:
         early: list[object] = []  # requests before any model (a spare without Load) wait for it
         msg = self.inbox.get()
         while not isinstance(msg, Load | Shutdown):
-            early.append(msg)
+            if not isinstance(msg, Unload):  # already unloaded: nothing to drop
+                early.append(msg)
             msg = self.inbox.get()
-        if isinstance(msg, Shutdown):
-            for m in early:
-                if isinstance(m, Generate | Embed):
-                    self.emit(Error(id=m.id, message="the worker is shutting down", status=503,
-                                    code="worker_shutdown"))
-            self._exit(0)
-            return
-        if not self._load(msg):
-            return
-        assert self.engine is not None
-        for m in early:
-            self._handle(self.engine, m)
-        self._serve()
+        return msg, early
 
     def _load(self, msg: Load) -> bool:
         if self.on_model_id is not None:
@@ -196,7 +209,8 @@ class MLXThread(threading.Thread):
                         ranks=info.ranks))
         return True
 
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
+        """Serve until ``Shutdown`` (False: the process ends) or ``Unload`` (True)."""
         engine = self.engine
         assert engine is not None
         while True:
@@ -210,7 +224,11 @@ class MLXThread(threading.Thread):
             if msg is not None:
                 if isinstance(msg, Shutdown):
                     self._shutdown(engine, msg.reason)
-                    return
+                    return False
+                if isinstance(msg, Unload):
+                    del engine
+                    self._unload(msg.reason)
+                    return True
                 self._handle(engine, msg)
                 continue  # drain the inbox before the next step: cancels land in time
             if busy:
@@ -267,6 +285,32 @@ class MLXThread(threading.Thread):
         except Exception:
             log.exception("%s cancel failed", rid)
 
+    def _unload(self, reason: str) -> None:
+        """Drop the model and everything it holds, then measure what the process keeps: the
+        gateway charges that and decides whether this process may take another model."""
+        t0 = time.monotonic()
+        engine, self.engine = self.engine, None
+        log.info("unloading%s; %d in flight", f" ({reason})" if reason else "", len(self.inflight))
+        for rid in list(self.inflight):  # the gateway unloads only idle workers; be safe anyway
+            assert engine is not None
+            self._cancel_quietly(engine, rid)
+            self.emit(Error(id=rid, message="the worker unloaded its model", status=503,
+                            code="worker_shutdown"))
+        self.held.clear()
+        if engine is not None:
+            engine.close()  # an exception here ends the thread: the process exits, a crash
+        del engine
+        gc.collect()  # weights are freed only once the engine's cycles are gone
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            mx.clear_cache()
+        self.snapshot = mem = _process_memory(mx)
+        if self.on_model_id is not None:
+            self.on_model_id("spare")
+        seconds = time.monotonic() - t0
+        log.info("unloaded in %.3fs; holding %d bytes", seconds, mem.footprint)
+        self.emit(Unloaded(memory=mem, unload_seconds=seconds))
+
     def _shutdown(self, engine: Engine, reason: str) -> None:
         log.info("shutdown requested%s; %d in flight", f" ({reason})" if reason else "",
                  len(self.inflight))
@@ -279,6 +323,18 @@ class MLXThread(threading.Thread):
         except Exception:
             log.exception("engine close failed")
         self._exit(0)
+
+
+def _process_memory(mx: Any) -> Memory:
+    """MLX's figures (when MLX is imported) and the process RSS, with no engine."""
+    try:
+        rss = psutil.Process().memory_info().rss
+    except psutil.Error:
+        rss = 0
+    if mx is None:
+        return Memory(rss=rss)
+    return Memory(active=mx.get_active_memory(), cache=mx.get_cache_memory(),
+                  peak=mx.get_peak_memory(), rss=rss)
 
 
 def _hold(held: list[FromWorker], msg: FromWorker) -> None:

@@ -11,7 +11,7 @@ import logging
 from mlx_supervisor.gateway.errors import APIError
 from mlx_supervisor.gateway.supervisor import core as c
 from mlx_supervisor.gateway.supervisor import events as ev
-from mlx_supervisor.gateway.supervisor import spare, turns
+from mlx_supervisor.gateway.supervisor import recycle, spare, turns
 from mlx_supervisor.gateway.supervisor.eviction import Holder, Plan, plan_admission
 from mlx_supervisor.gateway.supervisor.model import Slot, Worker
 from mlx_supervisor.gateway.supervisor.states import EXITING, LEAVING, SlotState, State
@@ -167,12 +167,19 @@ def _no_room(core: c.Core, slot: Slot, hs: list[Holder], never: bool = False) ->
 
 
 def _evict(core: c.Core, slot: Slot, plan: Plan) -> None:
+    """Drain the plan's victims; one idle victim that can take the model is recycled instead
+    (``recycle.py``): it unloads and becomes the spare this admission adopts."""
+    reuse = recycle.choose(core, slot, plan.victims)
     for victim_id in plan.victims:
         victim = spare.victim(core) if victim_id == spare.SPARE else core.slots[victim_id].worker
         if victim is not None:
             core.fx.emit(ev.Evicted(model=victim_id, pid=victim.pid,
                                     reason=f"making room for {slot.entry.id}"))
-            c.drain(core, victim, f"evicted (LRU) to make room for {slot.entry.id}")
+            why = f"evicted (LRU) to make room for {slot.entry.id}"
+            if victim is reuse:
+                recycle.begin(core, victim, why + ": recycling its process")
+            else:
+                c.drain(core, victim, why)
 
 
 def retry(core: c.Core) -> None:

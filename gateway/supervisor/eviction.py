@@ -95,3 +95,36 @@ def relieve(usages: Sequence[Usage], budget: int) -> tuple[list[str], str | None
     if not growers:
         return evict, None
     return evict, max(growers, key=lambda u: u.bytes - u.estimate).id
+
+
+# ---------------------------------------------------------------- recycling an evicted worker
+
+RECYCLE_KINDS = frozenset({"lm", "vlm", "embeddings"})
+"""Single-process kinds: any of them can be recycled into any other (an engine imports what its
+kind needs at its load; an lm process that takes a vlm pays mlx_vlm's import once). Sharded
+groups (``mlx.launch``), models with an ``env`` of their own (read at import time) and the
+fake engine are never recycled."""
+FLOOR_SLACK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A model as recycling sees it: its kind, and whether it runs as one plain process (no
+    ``env`` of its own, not sharded)."""
+
+    kind: str
+    plain: bool
+
+
+def recyclable(old: Reuse, new: Reuse, recycles: int, limit: int) -> bool:
+    """May a worker of ``old`` (recycled ``recycles`` times) unload and take ``new``?"""
+    return (limit > 0 and recycles < limit and old.plain and new.plain
+            and old.kind in RECYCLE_KINDS and new.kind in RECYCLE_KINDS)
+
+
+def keep_unloaded(footprint: int, floor: int, baseline: int) -> bool:
+    """After an unload: keep the process only if it got back near a model-free footprint: its
+    first unload's figure (``floor``) plus 25% and ``FLOOR_SLACK``; on the first, 4× the worker
+    baseline. Past that it leaks (or fragments), and is killed, as an eviction always did."""
+    ceiling = floor * 5 // 4 + FLOOR_SLACK if floor else 4 * baseline
+    return 0 < footprint <= ceiling

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 
 from mlx_supervisor.gateway.errors import APIError
-from mlx_supervisor.gateway.supervisor import admin, admission, process, spare
+from mlx_supervisor.gateway.supervisor import admin, admission, process, recycle, spare
 from mlx_supervisor.gateway.supervisor import core as c
 from mlx_supervisor.gateway.supervisor import events as ev
 from mlx_supervisor.gateway.supervisor.model import Control, Exited, Slot, Spawned, Worker
@@ -66,6 +66,9 @@ def on_control(core: c.Core, e: Control) -> None:
             c.move(core, w, State.IDLE if w.spare else State.LOADING, "connected")
     elif isinstance(msg, p.Ready):
         _on_ready(core, w, msg)
+    elif isinstance(msg, p.Unloaded):
+        recycle.on_unloaded(core, w, msg)
+        admission.retry(core)  # the admission waiting for it adopts it now
     elif isinstance(msg, p.LoadFailed):
         slot = core.slots.get(w.model_id)
         if slot is not None:

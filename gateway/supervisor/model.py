@@ -51,6 +51,8 @@ class Worker:
     spare: bool = False  # the warm spare (no model yet); False once adopted
     reserved: bool = False
     recycle: bool = False  # grew past its share while the ledger was over budget
+    recycles: int = 0  # models this process has unloaded to take another (recycle.py)
+    idle_floor: int = 0  # its footprint after its first unload: later ones must stay near it
     ranks: list[p.RankInfo] = field(default_factory=list)  # a sharded group's ranks
     exit_waiters: list[asyncio.Future[Any]] = field(default_factory=list)  # unload: resolved on reap
 

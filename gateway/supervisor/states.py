@@ -16,6 +16,7 @@ class State(str, enum.Enum):
     IDLE = "idle"  # a warm spare: connected, imports done, no model yet
     LOADING = "loading"  # connected, weights loading
     READY = "ready"  # serving; may have requests in flight
+    UNLOADING = "unloading"  # evicted while idle: dropping its model, to be recycled (recycle.py)
     DRAINING = "draining"  # no new requests; stopped once the in-flight ones finish
     STOPPING = "stopping"  # asked to exit (Shutdown, then SIGTERM, then SIGKILL); not yet reaped
     KILLING = "killing"  # no longer trusted (hung, failed load): SIGKILLed, not yet reaped
@@ -29,15 +30,19 @@ LEGAL: dict[State, frozenset[State]] = {
     S.STARTING: frozenset({S.IDLE, S.LOADING, S.READY, S.DRAINING, S.STOPPING}) | _ENDS,
     S.IDLE: frozenset({S.LOADING, S.DRAINING, S.STOPPING}) | _ENDS,
     S.LOADING: frozenset({S.READY, S.DRAINING, S.STOPPING}) | _ENDS,
-    S.READY: frozenset({S.DRAINING, S.STOPPING}) | _ENDS,
+    S.READY: frozenset({S.UNLOADING, S.DRAINING, S.STOPPING}) | _ENDS,
+    S.UNLOADING: frozenset({S.IDLE, S.DRAINING, S.STOPPING}) | _ENDS,
     S.DRAINING: frozenset({S.STOPPING, S.STOPPED}) | _ENDS,
     S.STOPPING: frozenset({S.STOPPED}) | _ENDS,
     S.KILLING: frozenset({S.CRASHED}),
     S.STOPPED: frozenset(),
     S.CRASHED: frozenset(),
 }
-HOT = frozenset({S.STARTING, S.IDLE, S.LOADING, S.READY, S.DRAINING, S.STOPPING, S.KILLING})
-LEAVING = frozenset({S.DRAINING, S.STOPPING, S.KILLING})  # on its way out: its bytes free soon
+HOT = frozenset({S.STARTING, S.IDLE, S.LOADING, S.READY, S.UNLOADING, S.DRAINING, S.STOPPING,
+                 S.KILLING})
+# On its way out (its bytes free soon); an unloading worker's model bytes free, and the process
+# that stays is the admitted model's (recycle.py).
+LEAVING = frozenset({S.UNLOADING, S.DRAINING, S.STOPPING, S.KILLING})
 EXITING = frozenset({S.STOPPING, S.KILLING})  # the stop or kill path already runs
 
 

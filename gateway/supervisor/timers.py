@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_supervisor.gateway.supervisor import admin, admission, spare
+from mlx_supervisor.gateway.supervisor import admin, admission, recycle, spare
 from mlx_supervisor.gateway.supervisor import core as c
 from mlx_supervisor.gateway.supervisor import events as ev
 from mlx_supervisor.gateway.supervisor.eviction import Usage, relieve
@@ -85,6 +85,8 @@ def _worker_due(core: c.Core, w: Worker, now: float) -> list[Action]:
         return []
     if silent > cfg.heartbeat_timeout:
         return [Kill(w.worker_id, f"missed heartbeats for {silent:.1f}s (hung?)")]
+    if w.state is State.UNLOADING and now - w.load_started > recycle.UNLOAD_TIMEOUT:
+        return [Kill(w.worker_id, f"did not unload within {recycle.UNLOAD_TIMEOUT:g}s")]
     if w.state is State.LOADING and now - w.load_started > cfg.load_timeout:
         return [Kill(w.worker_id, f"did not load within load_timeout ({cfg.load_timeout:g}s)")]
     if w.state is State.READY and w.inflight == 0:
