@@ -180,6 +180,9 @@ class MLXThread(threading.Thread):
             self.on_model_id(msg.model_id)
         log.info("loading %s kind=%s from %s", msg.model_id, msg.kind, msg.path or "(no path)")
         t0 = time.monotonic()
+        # What exists now (the imports, the io machinery) outlives every model: out of the
+        # collector's sight, the collection in ``_unload`` scans only what a model made.
+        gc.freeze()
         try:
             if msg.kind != "fake" and not (msg.path and Path(msg.path).exists()):
                 # fail before the engine's imports: seconds sooner for a wrong path
