@@ -668,7 +668,7 @@ def test_an_evicted_idle_worker_unloads_and_takes_the_admitted_model(make: Any) 
 def test_a_worker_that_keeps_its_memory_after_unloading_is_stopped_not_recycled(make: Any) -> None:
     sim = make(*(entry(m, 400 * MB) for m in "abc"), budget=1000 * MB, recycle_workers=2)
     b, _ = _evict_b_for_c(sim)
-    sim.send(Control(b.worker_id, p.Unloaded(memory=p.Memory(active=2000 * MB))))
+    sim.send(Control(b.worker_id, p.Unloaded(memory=p.Memory(active=3000 * MB))))
     assert b.state is State.STOPPING and sim.fx.did("stop") == [b.worker_id]
     assert sim.core.slots["c"].worker is None  # c waits for the reap, as for any eviction
     sim.exit(b)
@@ -697,7 +697,7 @@ def test_the_pure_recycling_rules() -> None:
     assert not recyclable(Reuse("lm", False), lm, 0, 8)  # sharded, or an env of its own
     assert not recyclable(lm, Reuse("lm", False), 0, 8)
     assert not recyclable(Reuse("fake", True), lm, 0, 8)
-    assert keep_unloaded(300 * MB, 0, 320 * MB) and not keep_unloaded(2000 * MB, 0, 320 * MB)
+    assert keep_unloaded(300 * MB, 0, 320 * MB) and not keep_unloaded(3000 * MB, 0, 320 * MB)
     assert keep_unloaded(430 * MB, 300 * MB, 320 * MB)  # within 25% + 64 MiB of its floor
     assert not keep_unloaded(500 * MB, 300 * MB, 320 * MB)  # it leaks: killed
     assert not keep_unloaded(0, 0, 320 * MB)  # no reading: not trusted

@@ -124,7 +124,8 @@ def recyclable(old: Reuse, new: Reuse, recycles: int, limit: int) -> bool:
 
 def keep_unloaded(footprint: int, floor: int, baseline: int) -> bool:
     """After an unload: keep the process only if it got back near a model-free footprint: its
-    first unload's figure (``floor``) plus 25% and ``FLOOR_SLACK``; on the first, 4× the worker
-    baseline. Past that it leaks (or fragments), and is killed, as an eviction always did."""
-    ceiling = floor * 5 // 4 + FLOOR_SLACK if floor else 4 * baseline
+    first unload's figure (``floor``) plus 25% and ``FLOOR_SLACK``; on the first, 8× the worker
+    baseline (a CUDA process holds ~1.1 GB with no model). Past that it leaks (or fragments),
+    and is stopped, as an eviction always did."""
+    ceiling = floor * 5 // 4 + FLOOR_SLACK if floor else 8 * baseline
     return 0 < footprint <= ceiling
