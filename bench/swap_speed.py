@@ -196,6 +196,9 @@ def swap(s: Settings) -> dict[str, Any]:
     trace = TRACE[:s.pick(6, 12, 4)]
     max_tokens = s.pick(8, 8, 2)
     spares = int(os.environ.get("BENCH_WARM_SPARES", "1"))  # the pool (CUDA, macOS: no fork)
+    # Discarded: MLX's CUDA backend fills its kernel cache on disk here (NVRTC, 33 s for the
+    # large llama on a fresh H200), which the gateway's first request would otherwise pay alone.
+    inproc("cold", str(paths["a"]))
     gw_wall, lat, loads = _gateway_trace(paths, trace, max_tokens,
                                          {**PATHS["fork+spare"], "warm_spares": spares})
     floor = inproc("swap", *(str(paths[k]) for k in "abc"), "--trace", trace,
