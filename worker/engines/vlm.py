@@ -5,6 +5,14 @@ requests hard to batch (mlx-lm's server also serves them alone), so requests que
 run one after another; :meth:`VLMEngine.step` pulls one token from the running generator, so
 cancels and new arrivals are seen between tokens.
 
+Flow control: each started request keeps its own live generator (its KV cache inside it).
+``pause`` leaves a request's generator where it is, and the next one in the queue starts, so a
+client that stopped reading does not hold the model from the others; ``resume`` puts it back in
+line, and it goes on from the same token (seeded sampling in mlx-vlm is keyed by position, so
+the tokens are the ones it would have given unpaused). The oldest unpaused request is the one
+that runs. (mlx-vlm 0.7 also has a ``BatchGenerator``; moving to it would batch requests, a
+separate change from pausing them.)
+
 How a ``Generate`` is used:
 
 - ``messages``: OpenAI-style. Content is a string or a list of parts; the gateway has put the
@@ -91,7 +99,8 @@ class VLMEngine:
         self.context_length = 0
         self.vocab_size = 0
         self.queue: deque[_Queued] = deque()
-        self.running: _Running | None = None
+        self.live: dict[str, _Running] = {}  # started, oldest first; paused ones wait here
+        self.paused: set[str] = set()
         self.grammars: Grammars | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -119,8 +128,8 @@ class VLMEngine:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def close(self) -> None:
-        if self.running is not None:
-            self._finish_generator()
+        for rid in list(self.live):
+            self._finish_generator(rid)
         self.queue.clear()
         self.model = self.processor = None
         mx.clear_cache()  # no gc.collect(): the process exits next (see LMEngine.close)
@@ -184,18 +193,37 @@ class VLMEngine:
         return None
 
     def cancel(self, request_id: str) -> None:
-        if self.running is not None and self.running.req.id == request_id:
-            self._finish_generator()
+        if request_id in self.live:
+            self._finish_generator(request_id)
         self.queue = deque(q for q in self.queue if q.req.id != request_id)
 
+    def pause(self, request_id: str) -> None:
+        """Flow control: stop taking tokens for this request (its generator waits as it is)."""
+        st = self.live.get(request_id)
+        if st is not None and request_id not in self.paused:
+            self.paused.add(request_id)
+            log.info("%s paused after %d tokens", request_id, st.completion)
+
+    def resume(self, request_id: str) -> None:
+        st = self.live.get(request_id)
+        if st is not None and request_id in self.paused:
+            self.paused.discard(request_id)
+            log.info("%s resumed after %d tokens", request_id, st.completion)
+
     def has_work(self) -> bool:
-        return self.running is not None or bool(self.queue)
+        return self._active() is not None or bool(self.queue)
+
+    def _active(self) -> _Running | None:
+        """The oldest started request that is not paused."""
+        return next((st for rid, st in self.live.items() if rid not in self.paused), None)
 
     # ---------------------------------------------------------------- decoding
 
     def step(self, emit: Emit) -> None:
-        """Start the next request if none runs, then take one token of the running one."""
-        if self.running is None:
+        """Start the next request if none runs unpaused, then take one token of the one that
+        runs."""
+        st = self._active()
+        if st is None:
             if not self.queue:
                 return
             job = self.queue.popleft()
@@ -203,26 +231,25 @@ class VLMEngine:
                 started = self._start(job, emit)
             except Exception as e:  # this request could not start: fail it alone
                 log.exception("%s could not start", job.req.id)
-                self._finish_generator()
+                self._finish_generator(job.req.id)
                 emit(Error(id=job.req.id, message=f"generation failed: {e}", status=500))
                 return
             if not started:
                 return
-        st = self.running
-        assert st is not None
+            st = self.live[job.req.id]
         first = st.completion == 0
         try:
             r = next(st.gen)
         except Exception as e:
             log.exception("%s generation failed", st.req.id)
-            self._finish_generator()
+            self._finish_generator(st.req.id)
             # A model that rejects its inputs does so at prefill, with a ValueError.
             status = 400 if first and isinstance(e, ValueError) else 500
             emit(Error(id=st.req.id, message=f"generation failed: {e}", status=status))
             return
         finish = self._advance(st, r, emit)
         if finish is not None:
-            self._finish_generator()
+            self._finish_generator(st.req.id)
             emit(Done(id=st.req.id, finish_reason=finish, prompt_tokens=st.prompt_tokens,
                       completion_tokens=st.completion, stop_sequence=st.out.stop_sequence))
 
@@ -270,7 +297,7 @@ class VLMEngine:
             frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias,
             seed=req.seed, logits_processors=[constrained] if constrained else None,
             **inputs)  # the rest (image_grid_thw, ...) goes to the model
-        self.running = _Running(req, gen, n_prompt, TokenStep(req))
+        self.live[req.id] = _Running(req, gen, n_prompt, TokenStep(req))
         log.info("%s started prompt=%d images=%d", req.id, n_prompt, len(q.images))
         emit(Started(id=req.id, prompt_tokens=n_prompt))
         return True
@@ -293,9 +320,10 @@ class VLMEngine:
                            finish=None if finish is None else str(finish),
                            flush=finish is not None)
 
-    def _finish_generator(self) -> None:
-        """Close the running generator (mlx-vlm's cleanup runs) and forget it."""
-        st, self.running = self.running, None
+    def _finish_generator(self, request_id: str) -> None:
+        """Close a request's generator (mlx-vlm's cleanup runs) and forget it."""
+        st = self.live.pop(request_id, None)
+        self.paused.discard(request_id)
         if st is not None:
             close = getattr(st.gen, "close", None)
             if close is not None:
