@@ -147,3 +147,21 @@ def test_a_non_reading_stream_stops_taking_decode_steps_in_a_real_lm_worker(
 def _flow_events(srv: ServerProcess) -> list[tuple[str, str]]:
     """The LM engine's pause/resume log lines for the request "nr": (verb, tokens so far)."""
     return re.findall(r"nr (paused|resumed) after (\d+) tokens", srv.log())
+
+
+def test_a_stream_cut_at_write_timeout_is_never_resumed_before_its_cancel() -> None:
+    async def run() -> None:
+        sent: list[p.Base] = []
+        cut = False
+        s = RequestStream("r", "w", lambda _w, m: sent.append(m) or True, high=8)
+        s.cut = lambda: cut
+        for i in range(8):
+            s.put(p.Chunk(id="r", text=f"t{i}"))
+        assert sent == [p.Pause(id="r")]
+        cut = True  # the connection was aborted: the route drains what is queued, then cancels
+        it = s.__aiter__()
+        for _ in range(8):
+            await it.__anext__()
+        assert sent == [p.Pause(id="r")]
+
+    asyncio.run(run())

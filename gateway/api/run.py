@@ -103,6 +103,7 @@ class Run:
         self.bus = bus
         self.stream: RequestStream = sup.transport.open_stream(msg.id, lease.worker_id)
         self.stream.on_flow = lambda paused: sup.park(lease, paused)
+        self.stream.cut = lambda: bool(outcome.conn and outcome.conn.get("cut"))
         self._first: p.FromWorker | None = None
         self._closed = False
         self._checkpoint = time.monotonic() + CHECKPOINT_SECONDS

@@ -52,6 +52,7 @@ class RequestStream:
         self._send = send
         self.high = max(1, high)
         self.on_flow: Callable[[bool], None] | None = None  # told True on Pause, False on Resume
+        self.cut: Callable[[], bool] = lambda: False  # the client was cut off: never Resume
 
     def put(self, msg: p.FromWorker) -> None:
         """From the receive loop: queue, pausing the request when the reader falls behind."""
@@ -77,7 +78,8 @@ class RequestStream:
             msg = await self.queue.get()
             if isinstance(msg, _TERMINAL):
                 self.finished = True
-            elif self.paused and self.queue.qsize() <= self.high // 4 and self._send is not None:
+            elif self.paused and self.queue.qsize() <= self.high // 4 and self._send is not None \
+                    and not self.cut():  # a cut request drains to its Cancel, still paused
                 self.paused = False
                 self._send(self.worker_id, p.Resume(id=self.request_id))
                 if self.on_flow is not None:
