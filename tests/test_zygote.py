@@ -81,22 +81,30 @@ def _libmlx_mapped(pid: int) -> bool:
 def test_forked_workers_give_the_same_greedy_tokens_as_spawned_ones(
         workers: Any, demo_model_dir: Path, pre_mlx: str) -> None:
     """Both zygote modes: with mlx imported (CPU, the default there) and stopping short of mlx
-    (the CUDA backend's default, forced here), where each child imports mlx itself."""
+    (the CUDA backend's default, forced here), where each child imports mlx itself. On MLX's
+    CUDA backend ``import mlx.core`` creates a CUDA context, so there the mlx-importing zygote
+    must say so and refuse every fork (nothing forks after a CUDA context exists)."""
     spawned = workers.spawn("m", "lm", demo_model_dir)
     _ready(workers, spawned.worker_id)
     want = _generate(workers, spawned.worker_id)
     assert want[1] == 24 and want[0]
+    refuses = pre_mlx == "0" and zygote.cuda_backend()
 
     async def main() -> None:
         fs = forkserver.ForkServer(worker_env({zygote.PRE_MLX_ENV: pre_mlx}))
         await fs.start()
         hello = await fs.ready(120)
         assert hello.pid == fs.pid
-        assert hello.pre_mlx == (pre_mlx == "1") and not hello.cuda
+        assert hello.pre_mlx == (pre_mlx == "1") and hello.cuda == refuses
         assert _libmlx_mapped(hello.pid) == (pre_mlx == "0")
         kids: list[WorkerProcess] = []
         try:
-            for wid in ("f1", "f2"):  # two from one zygote: the second is as sound as the first
+            if refuses:
+                with pytest.raises(RuntimeError, match="CUDA context"):
+                    await fs.fork("f0", _argv(workers.endpoint, "f0", demo_model_dir),
+                                  worker_env({}), "f0")
+            # Two from one zygote: the second is as sound as the first.
+            for wid in () if refuses else ("f1", "f2"):
                 wp = await fs.fork(wid, _argv(workers.endpoint, wid, demo_model_dir),
                                    worker_env({}), wid)
                 kids.append(wp)
@@ -106,7 +114,7 @@ def test_forked_workers_give_the_same_greedy_tokens_as_spawned_ones(
                 assert me.ppid() == os.getpid()  # the gateway's child, not the zygote's
                 assert os.getpgid(wp.pid) == wp.pid and os.getsid(wp.pid) == wp.pid
                 assert me.cmdline()[1:3] == ["-m", "mlx_supervisor.worker.zygote"]
-            assert kids[0].pid != kids[1].pid
+            assert refuses or kids[0].pid != kids[1].pid
         finally:
             for wp in kids:
                 await _stop(wp)

@@ -257,6 +257,12 @@ def _pre_mlx() -> bool:
     forced = os.environ.get(PRE_MLX_ENV, "")
     if forced in ("0", "1"):
         return forced == "1"
+    return cuda_backend()
+
+
+def cuda_backend() -> bool:
+    """MLX's CUDA backend is installed (an ``mlx-cuda-*`` distribution): there ``import
+    mlx.core`` creates a CUDA context, so a zygote that imports mlx must refuse to fork."""
     from importlib import metadata
 
     return any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("mlx-cuda")
