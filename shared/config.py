@@ -47,6 +47,10 @@ class ModelConfig(Strict):
     context_length: int | None = None
     env: dict[str, str] = {}
     """Extra environment for this model's worker process."""
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+    """The ``tool_choice`` of a request that gives ``tools`` but no ``tool_choice`` (OpenAI's
+    default is ``auto``). ``required`` forces a call for clients that cannot ask for one (llm
+    sends ``tools`` only); a request's own ``tool_choice`` always wins."""
     # Sharded models (mlx.distributed): one logical worker spread over ranks.
     hosts: list[str] = []
     backend: Literal["ring", "jaccl", "mpi"] = "ring"

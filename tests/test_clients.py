@@ -13,6 +13,7 @@ tests/clients/, installed by ``make node-deps`` (``npm ci``), run here with the 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -50,7 +51,10 @@ MATRIX: list[Job] = [(kind, stream) for stream in (False, True) for kind in ("ca
 
 @pytest.fixture(scope="module")
 def srv(tools_model_dir: Path) -> Iterator[ServerProcess]:
-    with ServerProcess({"tools": {"path": str(tools_model_dir)}},
+    # "forced": the same model, configured to force a call on requests that send tools but no
+    # tool_choice (llm's), as a user would for a client that cannot ask for one.
+    with ServerProcess({"tools": {"path": str(tools_model_dir)},
+                        "forced": {"path": str(tools_model_dir), "tool_choice": "required"}},
                        {"heartbeat_interval": 0.2}) as s:
         yield s
     assert s.orphans == []
@@ -248,16 +252,16 @@ def test_litellm(srv: ServerProcess) -> None:
 def llm_home(srv: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: mlx-tools\n  model_name: tools\n  api_base: {srv.url}/v1\n"
-        "  supports_schema: true\n  supports_tools: true\n")
+        "  supports_schema: true\n  supports_tools: true\n"
+        f"- model_id: mlx-forced\n  model_name: forced\n  api_base: {srv.url}/v1\n"
+        "  supports_tools: true\n")
     monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     return tmp_path
 
 
 def test_llm_schema_library_and_cli(llm_home: Path) -> None:
-    # llm 0.36 sends schema= as response_format json_schema (plain and streamed). It has no way
-    # to send tool_choice (its options forbid unknown keys), so it cannot ask for a forced call:
-    # its tools are checked to reach the template instead (test_llm_tools_reach_the_model).
+    # llm 0.36 sends schema= as response_format json_schema (plain and streamed).
     import llm
 
     model = llm.get_model("mlx-tools")
@@ -275,12 +279,66 @@ def test_llm_schema_library_and_cli(llm_home: Path) -> None:
     _object(cli.stdout)
 
 
-def test_llm_tools_reach_the_model(llm_home: Path) -> None:
+def get_weather(city: str, unit: str) -> str:
+    """Weather in a city"""
+    return "sunny"
+
+
+def _llm_tool() -> Any:
+    """get_weather with the test's schema (llm's schema from the signature would leave ``city``
+    unbounded: a random model never ends that string)."""
     import llm
 
-    def get_weather(city: str, unit: str) -> str:
-        """Weather in a city"""
-        return "sunny"
+    return llm.Tool(name="get_weather", description="Weather in a city", input_schema=WEATHER,
+                    implementation=get_weather)
+
+
+def test_llm_forced_call_library(llm_home: Path) -> None:
+    # llm 0.36 sends tools but never tool_choice (its options forbid unknown keys), nor
+    # parallel_tool_calls: the "forced" model's config (tool_choice = "required") forces the
+    # call. The random model then calls again until max_tokens; every complete call is valid.
+    import llm
+
+    model = llm.get_model("mlx-forced")
+
+    def one(kind: str, stream: bool) -> None:
+        r = model.prompt("Weather in Paris?", tools=[_llm_tool()], stream=stream,
+                         temperature=0, max_tokens=120)
+        r.text()
+        calls = r.tool_calls()
+        assert calls, "no tool call"
+        for c in calls:
+            _call(c.name, c.arguments, c.tool_call_id)
+
+    _all_at_once(one)
+
+
+def test_llm_forced_call_cli(llm_home: Path) -> None:
+    # The CLI runs a --functions tool for each call (a chain) and shows each with --td. Every
+    # turn of the "forced" model must call, so the chain ends at --chain-limit (exit 1): with
+    # the CLI, force only to get one call; leave tool_choice "auto" for agent loops.
+    cli = subprocess.run(
+        [sys.executable, "-m", "llm", "-m", "mlx-forced", "--functions", CLI_TOOL, "--td",
+         "--chain-limit", "2", "-o", "max_tokens", "60", "-o", "temperature", "0",
+         "Weather in Paris?"],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert "Chain limit of 2 exceeded" in cli.stderr, cli.stderr
+    shown = [line.removeprefix("Tool call: get_weather(")[:-1]
+             for line in (cli.stdout + cli.stderr).splitlines()
+             if line.startswith("Tool call: get_weather(")]
+    assert shown, cli.stdout + cli.stderr
+    for args in shown:
+        jsonschema.validate(ast.literal_eval(args), CLI_SCHEMA)
+
+
+CLI_TOOL = ('def get_weather(celsius: bool) -> str:\n'
+            '    """Weather here"""\n    return "sunny"\n')
+CLI_SCHEMA = {"type": "object", "properties": {"celsius": {"type": "boolean"}},
+              "required": ["celsius"], "additionalProperties": False}
+
+
+def test_llm_tools_reach_the_model(llm_home: Path) -> None:
+    import llm
 
     model = llm.get_model("mlx-tools")
     bare = model.prompt("Weather?", temperature=0, max_tokens=1, stream=False)

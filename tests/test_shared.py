@@ -55,6 +55,12 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as e:
         loads("port = [1\n")
     assert "invalid TOML" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        loads('[models.llama]\npath = "/x"\ntool_choice = "always"\n')
+    assert e.value.problems[0][0] == "$.models.llama.tool_choice"
+    assert loads('[models.llama]\npath = "/x"\ntool_choice = "required"\n'
+                 ).models["llama"].tool_choice == "required"
+    assert loads('[models.llama]\npath = "/x"\n').models["llama"].tool_choice == "auto"
 
 
 def test_semantic_problems(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import httpx
 import jsonschema
+import msgspec
 import openai
 import pydantic
 import pytest
@@ -46,6 +47,7 @@ MARKUP = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 def srv(tools_model_dir: Path, thinking_model_dir: Path, demo_model_dir: Path,
         embeddings_model_dir: Path) -> Iterator[ServerProcess]:
     models = {"tools": {"path": str(tools_model_dir)}, "r1": {"path": str(thinking_model_dir)},
+              "forced": {"path": str(tools_model_dir), "tool_choice": "required"},
               "plain": {"path": str(demo_model_dir)},
               "emb": {"path": str(embeddings_model_dir), "kind": "embeddings"}}
     with ServerProcess(models, {"heartbeat_interval": 0.2}) as s:
@@ -137,6 +139,36 @@ def test_tool_choice_auto_lets_the_model_answer(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, temperature=0,
                                        max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_models_configured_tool_choice_applies_when_the_request_sends_none(
+        client: openai.OpenAI) -> None:
+    # "forced" is configured with tool_choice = "required": a request with tools and no
+    # tool_choice gets a forced call; the request's own tool_choice wins ("none": no call).
+    r = client.chat.completions.create(model="forced", messages=ASK, tools=TOOLS, temperature=0,
+                                       max_tokens=120, parallel_tool_calls=False)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls or []
+    _valid_call(call)
+    r = client.chat.completions.create(model="forced", messages=ASK, tools=TOOLS, temperature=0,
+                                       max_tokens=8, tool_choice="none")
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "length"
+
+
+def test_the_configured_default_is_only_a_default() -> None:
+    from mlx_supervisor.gateway.api import schemas as t
+    from mlx_supervisor.gateway.api.tools import generate_fields
+
+    def choice(**kw: Any) -> str:
+        req = msgspec.convert({"model": "m", "messages": ASK, **kw}, t.ChatRequest)
+        return generate_fields(req, "lm", "required").get("tool_choice", "-")
+
+    assert choice(tools=TOOLS) == "required"
+    assert choice(tools=TOOLS, tool_choice="auto") == "auto"
+    assert choice(tools=TOOLS, tool_choice="none") == "none"
+    assert choice(tools=TOOLS, tool_choice={"type": "function",
+                                            "function": {"name": "add"}}) == "function"
+    assert choice() == "-"  # no tools: nothing to choose
 
 
 class Order(pydantic.BaseModel):

@@ -90,7 +90,8 @@ async def start_chat(request: Request, gw: Gateway, req: t.ChatRequest, route: s
     if entry.kind == "embeddings":
         raise bad_request(f"model {entry.id!r} is an embeddings model; use /v1/embeddings",
                           "tools" if req.tools else "model", code="wrong_model_kind")
-    extra = tools.generate_fields(req, entry.kind)
+    default_choice = entry.source.tool_choice if entry.source is not None else "auto"
+    extra = tools.generate_fields(req, entry.kind, default_choice)
     images: list[bytes] = []
     if image_urls:
         if entry.kind != "vlm":

@@ -111,7 +111,8 @@ def _tools(req: ResponsesRequest) -> dict[str, Any]:
             tools.append({"type": "function", "function": fn})
         fields["tools"] = tools
     tc = req.tool_choice
-    if isinstance(tc, str) and tc != "auto":
+    if isinstance(tc, str) and (tc != "auto" or req.tools):  # an explicit auto beats the
+        # model's configured default; without tools it says nothing (clients send it anyway)
         fields["tool_choice"] = tc
     elif tc is not None and not isinstance(tc, str):
         if tc.type != "function" or not tc.name:

@@ -57,8 +57,8 @@ def _tools(tools: list[t.Tool]) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_choice(choice: str | t.NamedToolChoice | None,
-                 names: set[str]) -> tuple[str, str | None]:
+def _tool_choice(choice: str | t.NamedToolChoice | None, names: set[str],
+                 default: str = "auto") -> tuple[str, str | None]:
     if isinstance(choice, t.NamedToolChoice):
         if choice.type != "function":
             raise bad_request(f"tool_choice.type must be 'function', got {choice.type!r}",
@@ -67,8 +67,8 @@ def _tool_choice(choice: str | t.NamedToolChoice | None,
             raise bad_request(f"tool_choice names function {choice.function.name!r}, which is "
                               "not in tools", "tool_choice.function.name")
         return "function", choice.function.name
-    if choice is None:
-        return "auto", None
+    if choice is None:  # the model's configured default (``tool_choice`` in its config table)
+        return default, None
     if choice not in ("auto", "none", "required"):
         raise bad_request("tool_choice must be 'auto', 'none', 'required' or "
                           f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}",
@@ -95,15 +95,18 @@ def _json_format(rf: t.ResponseFormat | None) -> JsonFormat | None:
     return JsonFormat(schema=rf.json_schema.schema, strict=strict)
 
 
-def generate_fields(req: t.ChatRequest, kind: str) -> dict[str, Any]:
-    """The ``Generate`` keyword arguments for tools, tool_choice, response_format and reasoning."""
+def generate_fields(req: t.ChatRequest, kind: str, default_choice: str = "auto") -> dict[str, Any]:
+    """The ``Generate`` keyword arguments for tools, tool_choice, response_format and reasoning.
+    ``default_choice`` is the model's configured ``tool_choice`` for a request that gives tools
+    but sends none."""
     out: dict[str, Any] = {}
     if req.tools is not None:
         if kind != "lm":
             raise bad_request(f"tools need a text model with a tool-call parser; this is a {kind} "
                               "model", "tools", code="tools_not_supported")
         out["tools"] = tools = _tools(req.tools)
-        choice, name = _tool_choice(req.tool_choice, {x["function"]["name"] for x in tools})
+        choice, name = _tool_choice(req.tool_choice, {x["function"]["name"] for x in tools},
+                                    default_choice)
         out["tool_choice"], out["tool_name"] = choice, name
         out["parallel_tool_calls"] = req.parallel_tool_calls is not False
     elif req.tool_choice is not None:
