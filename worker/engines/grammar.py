@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from queue import SimpleQueue
 from typing import Any
 
 import mlx.core as mx
@@ -163,15 +164,20 @@ class GrammarProcessor:
         self.think_end = think_end  # None: the grammar applies now
         self.recent: list[int] = []
         self.fresh = True
+        self.sampled: mx.array | None = None  # the solo sampler's last draw (:class:`Recorder`)
+        self._bitmask: np.ndarray | None = None  # this row's mask, reused on the solo path
 
     def rewind(self) -> None:
         """The last token handed out will be fed again: don't consume it twice."""
-        self.fresh = True
+        self.fresh, self.sampled = True, None
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if not self.fresh:
+        if self.fresh:
+            bitmask = mask_rows([(0, self)], [0], 1)
+        elif self.sampled is not None:  # the solo path: the draw, already being evaluated
+            return _masked_with([(0, self)], self.sampled, logits)
+        else:
             return masked([(0, self)], tokens[-1:], logits)
-        bitmask = mask_rows([(0, self)], [0], 1)
         return logits if bitmask is None else apply_mask(logits, bitmask)
 
     def to_consume(self, last: int) -> int | None:
@@ -201,26 +207,80 @@ def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.
     ``async_eval`` returns only near the end of the graph, with the GIL released.
     (bench/RESULTS.md, run 8: 16 rows' steps took 1.5x as long before.)"""
     mx.async_eval(last)
-    pending = _helper().submit(_read_and_mask, rows, last, logits.shape[0])
-    mx.async_eval(logits)
-    bitmask = pending.result()
-    return logits if bitmask is None else apply_mask(logits, bitmask)
+    return _masked_with(rows, last, logits)
 
 
-def _read_and_mask(rows: list[tuple[int, GrammarProcessor]], last: mx.array,
-                   n_rows: int) -> np.ndarray | None:
-    tokens: Any = last.tolist()  # already scheduled: this only waits for its event
-    return mask_rows(rows, tokens, n_rows)
+def _masked_with(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
+                 ) -> mx.array:
+    """The matchers take ``last`` (its evaluation already scheduled) and mask on the helper
+    thread while this one runs ``async_eval(logits)``; then the mask is applied."""
+    helper = _helper()
+    helper.start(rows, last, logits.shape[0], logits.shape[-1])
+    try:
+        mx.async_eval(logits)
+    finally:
+        ok = helper.result()  # always collected: the next step must not read this one
+    return logits if ok is None else apply_allowed(logits, ok)
 
 
-_HELPER: ThreadPoolExecutor | None = None
+class Recorder:
+    """The solo sampler, which hands each draw to the request's grammar for the next step's
+    mask. ``generate_step`` evaluates the draw already, so the matcher just reads it (rather
+    than a slice of the token history ``generate_step`` keeps: an op and an evaluation more
+    per token, and the history's concatenation is then never evaluated)."""
+
+    def __init__(self, sampler: Any, grammar: GrammarProcessor) -> None:
+        self.sampler, self.grammar = sampler, grammar
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        y = self.sampler(logprobs)
+        self.grammar.sampled = y
+        return y
 
 
-def _helper() -> ThreadPoolExecutor:
-    """The thread that runs the matchers while the forward pass is started (one per process)."""
+class _Helper:
+    """The thread that reads a step's last tokens and runs the matchers while the MLX thread
+    sits in ``async_eval`` (one per process, one job at a time). Two C queues and no futures:
+    right after handing its result back the thread blocks again. (A ThreadPoolExecutor's
+    worker went on running Python for tens of µs after setting a result, holding the GIL the
+    MLX thread needed right then: bench/RESULTS.md, run 9.)"""
+
+    def __init__(self) -> None:
+        self.jobs: SimpleQueue[tuple[list[tuple[int, GrammarProcessor]], mx.array, int, int]]
+        self.jobs = SimpleQueue()
+        self.done: SimpleQueue[tuple[Any, BaseException | None]] = SimpleQueue()
+        threading.Thread(target=self._run, name="grammar", daemon=True).start()
+
+    def _run(self) -> None:
+        get, put = self.jobs.get, self.done.put
+        while True:
+            rows, last, n_rows, n = get()
+            try:
+                tokens: Any = last.tolist()  # already scheduled: this only waits for its event
+                bitmask = mask_rows(rows, tokens, n_rows)
+                put((None if bitmask is None else allowed(bitmask, n), None))
+            except BaseException as e:  # noqa: BLE001 - raised on the MLX thread instead
+                put((None, e))
+
+    def start(self, rows: list[tuple[int, GrammarProcessor]], last: mx.array, n_rows: int,
+              n: int) -> None:
+        self.jobs.put((rows, last, n_rows, n))
+
+    def result(self) -> Any:
+        """The mask as :func:`allowed` makes it, or None (no row masks yet)."""
+        ok, err = self.done.get()
+        if err is not None:
+            raise err
+        return ok
+
+
+_HELPER: _Helper | None = None
+
+
+def _helper() -> _Helper:
     global _HELPER
     if _HELPER is None:
-        _HELPER = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        _HELPER = _Helper()
     return _HELPER
 
 
@@ -232,6 +292,8 @@ def mask_rows(rows: list[tuple[int, GrammarProcessor]], last: list[int],
     this thread (the executor's hand-off costs more than one row's mask: ~30 vs ~8 µs here)."""
     from llguidance.numpy import allocate_token_bitmask
 
+    if n_rows == 1 and len(rows) == 1:
+        return _mask_one(rows[0][1], last[0])
     eat = [(g, t) for e, g in rows if (t := g.to_consume(last[e])) is not None]
     for (g, t), ok in zip(eat, _consume(eat), strict=True):
         if not ok:
@@ -248,6 +310,25 @@ def mask_rows(rows: list[tuple[int, GrammarProcessor]], last: list[int],
             live.append((g.matcher, e))
     _fill(live, bitmask)
     return bitmask
+
+
+def _mask_one(g: GrammarProcessor, last: int) -> np.ndarray | None:
+    """:func:`mask_rows` for a batch of one (the solo path): the same steps without the lists,
+    into one buffer per request (every mask is copied into MLX before the next is filled)."""
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    m, t = g.matcher, g.to_consume(last)
+    if t is not None and not m.consume_token(t):
+        log.warning("grammar refused token %d: %s", t, m.get_error())
+    if g.think_end is not None:
+        return None
+    if g._bitmask is None:
+        g._bitmask = allocate_token_bitmask(1, g.n_vocab)
+    if m.is_stopped() or m.is_error():
+        g._bitmask[0] = g.eos_words  # done or failed: only EOS, so the request ends
+    else:
+        fill_next_token_bitmask(m, g._bitmask, 0)
+    return g._bitmask
 
 
 def _consume(eat: list[tuple[GrammarProcessor, int]]) -> list[bool]:
@@ -291,15 +372,28 @@ def words(n_vocab: int) -> int:
 def apply_mask(logits: mx.array, bitmask: np.ndarray) -> mx.array:
     """``logits`` (rows x vocab, or rows x 1 x vocab) with every token that ``bitmask``'s row
     (llguidance's int32 bit words) forbids at -inf: one op for the whole batch."""
+    return apply_allowed(logits, allowed(bitmask, logits.shape[-1]))
+
+
+def allowed(bitmask: np.ndarray, n: int) -> Any:
+    """``bitmask`` as :func:`apply_allowed` takes it for ``n`` logits: the bit words for the
+    Metal kernel, else the tokens allowed as a bool array (unpacked and copied into MLX; on the
+    hot path on the helper thread, off the MLX thread's way)."""
+    if _METAL:
+        return bitmask
+    # count pads with zeros: tokens beyond llguidance's vocabulary are never allowed
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=n, bitorder="little")
+    return mx.array(bits.view(np.bool_))
+
+
+def apply_allowed(logits: mx.array, ok: Any) -> mx.array:
+    """:func:`apply_mask` for a mask made by :func:`allowed`."""
     shape = logits.shape
-    flat = logits.reshape(shape[0], shape[-1])
-    n = shape[-1]
+    flat = logits if logits.ndim == 2 else logits.reshape(shape[0], shape[-1])
     if _METAL:
         from llguidance.mlx import apply_token_bitmask
 
-        return apply_token_bitmask(flat, bitmask).reshape(shape)
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
-    if bits.shape[1] < n:  # tokens beyond llguidance's vocabulary are never allowed
-        bits = np.pad(bits, ((0, 0), (0, n - bits.shape[1])))
-    allowed = mx.array(bits[:, :n].astype(bool))
-    return mx.where(allowed, flat, -mx.inf).reshape(shape)
+        out = apply_token_bitmask(flat, ok)
+    else:
+        out = mx.where(ok, flat, -mx.inf)
+    return out if logits.ndim == 2 else out.reshape(shape)

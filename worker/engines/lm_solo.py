@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationBatch, StopSequences, generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from mlx_supervisor.worker.engines.grammar import GrammarProcessor, Recorder
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT
 
 Response = GenerationBatch.Response
@@ -64,7 +65,7 @@ class Solo:
         if self.steps is None:
             self.steps = generate_step(
                 mx.array(self.rest), self.model, self.stream, max_tokens=-1,
-                sampler=self.sampler, logits_processors=self._processors(),
+                sampler=self._sampler(), logits_processors=self._processors(),
                 prompt_cache=self.cache, prefill_step_size=self.prefill_step_size)
         token, logprobs = next(self.steps)
         self.generated.append(token)
@@ -96,14 +97,22 @@ class Solo:
         rest, kept, cached = undo_lookahead(cache, tokens, self.sampler, self.processors)
         return rest, kept, cached, self.max_tokens - len(self.generated)
 
+    def _sampler(self) -> Any:
+        """The sampler; with a grammar, one that hands it each draw (:class:`Recorder`)."""
+        g = self.processors[-1] if self.processors else None
+        return Recorder(self.sampler, g) if isinstance(g, GrammarProcessor) else self.sampler
+
     def _processors(self) -> list[Any]:
         """The request's processors, with the already-fed context in front of what
-        ``generate_step`` tracks (it starts from the tokens it is given)."""
+        ``generate_step`` tracks (it starts from the tokens it is given). A grammar needs no
+        context (it follows the draws), so it gets none: no concatenation per token."""
         if not self.processors or not self.fed:
             return self.processors
         prefix = mx.array(self.fed[-PENALTY_CONTEXT:])
 
         def with_prefix(p: Any) -> Any:
+            if isinstance(p, GrammarProcessor):
+                return p
             return lambda tokens, logits: p(mx.concatenate([prefix, tokens]), logits)
 
         return [with_prefix(p) for p in self.processors]
