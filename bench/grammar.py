@@ -6,8 +6,9 @@ Equal work on both sides: the schema holds one free string whose ``minLength`` i
 ``max_tokens`` (a greedy random-weight model otherwise closes it early now and then, and a
 16-stream round then decodes fewer tokens in a shrinking batch). Every request's
 ``completion_tokens`` is checked: a figure passes only if each request on both sides decoded
-exactly ``max_tokens``. Single stream: ABBA pairs of one greedy SSE stream each (per-token rate
-between the first and last token). 16 streams: as many ABBA rounds of 16 concurrent streams
+exactly ``max_tokens``. Single stream: 16 ABBA pairs of one greedy SSE stream each (per-token
+rate between the first and last token); each figure also gives the median of the pairs' own
+ratios and their spread (``paired``). 16 streams: as many ABBA rounds of 16 concurrent streams
 (aggregate tokens / wall time; a round varies 1.3-2x on the shared CPU box, so not fewer). Each side warms up first (the first grammar request also builds
 llguidance's tokenizer). For context, the same 16-stream pairing with mlx-lm's own
 ``repetition_penalty`` processor instead of the grammar: any logits processor moves
@@ -17,6 +18,7 @@ llguidance's tokenizer). For context, the same 16-stream pairing with mlx-lm's o
 from __future__ import annotations
 
 import asyncio
+import statistics
 from typing import Any
 
 from bench.common import (
@@ -111,19 +113,31 @@ def _paired(reps: int, run: Any, arm: bool | str = True) -> tuple[list[float], l
     return on, off
 
 
+def spread(on: list[float], off: list[float]) -> dict[str, Any]:
+    """Each ABBA pair's own ratio (its two runs are adjacent, so the box's drift cancels
+    within a pair): the median and the spread (min, quartiles, max)."""
+    r = sorted(a / b for a, b in zip(on, off, strict=True) if b)
+    if not r:
+        return {}
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": round(median(r), 4), "min": round(r[0], 3), "q1": round(q[0], 3),
+            "q3": round(q[2], 3), "max": round(r[-1], 3), "n": len(r)}
+
+
 def grammar(s: Settings) -> dict[str, Any]:
     from bench.suites import _lm_models, _wait_ready
 
     path = model_dir(s)
     max_tokens = s.pick(96, 192, 12)
     reps, streams = s.pick(4, 8, 1), 16
+    single = s.pick(8, 16, 1)  # single-stream pairs vary most (1-3 ms a token here), and cost least
     one_seen, many_seen, pen_seen, free_seen = Decoded(), Decoded(), Decoded(), Decoded()
     with started(gateway(_lm_models(path))) as srv:
         _wait_ready(srv.url)
         one_on, one_off = _paired(
-            reps, lambda tag, c: _single(srv.port, max_tokens, tag, c, one_seen))
+            single, lambda tag, c: _single(srv.port, max_tokens, tag, c, one_seen))
         free_on, free_off = _paired(
-            reps, lambda tag, c: _single(srv.port, max_tokens, tag, c, free_seen), arm="free")
+            single, lambda tag, c: _single(srv.port, max_tokens, tag, c, free_seen), arm="free")
         many_on, many_off = _paired(
             reps, lambda tag, c: _many(srv.port, streams, max_tokens, tag, c, many_seen))
         pen_on, pen_off = _paired(
@@ -136,18 +150,18 @@ def grammar(s: Settings) -> dict[str, Any]:
         figs.append(figure(f"json_schema grammar vs none, {name}", median(on), median(off),
                            "tokens/s", "higher", "the same chat request without a grammar",
                            target=">= 0.9", passed=r >= 0.9 and seen.equal(max_tokens),
-                           decoded_tokens=seen.summary()))
+                           decoded_tokens=seen.summary(), paired=spread(on, off)))
     figs.append(figure(f"context: repetition_penalty (mlx-lm's own processor) vs none, {streams} "
                        "streams", median(pen_on), median(pen_off), "tokens/s", "higher",
                        "the same chat request without a processor", decoded_tokens=pen_seen.summary()))
     figs.append(figure("context: json_schema without minLength (may close early; per-token rate) "
                        "vs none, single stream", median(free_on), median(free_off), "tokens/s",
                        "higher", "the same chat request without a grammar",
-                       decoded_tokens=free_seen.summary()))
+                       decoded_tokens=free_seen.summary(), paired=spread(free_on, free_off)))
     return {"figures": figs, "details": {
         "penalty_with": [round(x, 1) for x in pen_on],
         "penalty_without": [round(x, 1) for x in pen_off],
-        "max_tokens": max_tokens, "pairs": reps,
+        "max_tokens": max_tokens, "pairs": reps, "single_pairs": single,
         "single_with": [round(x, 1) for x in one_on], "single_without": [round(x, 1) for x in one_off],
         "many_with": [round(x, 1) for x in many_on], "many_without": [round(x, 1) for x in many_off],
         "schema": schema(max_tokens)}}
