@@ -12,7 +12,9 @@ The grammar is Lark with embedded JSON schemas (``%json {...}``):
   ``{"name": <const>, "arguments": <the function's parameters>}``; the markup comes from the
   worker (its tokenizer's ``tool_call_start`` / ``tool_call_end``), so only the JSON-bodied
   ``json_tools`` format (Qwen, Hermes, ...) can be enforced;
-- ``tool_choice`` auto with a ``response_format``: either calls or the JSON answer.
+- ``tool_choice`` auto with a ``response_format``: either calls or the JSON answer;
+- ``tool_choice`` auto alone: nothing until the model opens a call itself; then
+  :func:`call_lark`, the rest of that call (the worker enforces it lazily).
 
 JSON is compact (``whitespace_flexible`` off): a weak model cannot stall in whitespace. Objects
 that list their properties are closed unless the schema says otherwise (:func:`_closed`).
@@ -88,6 +90,20 @@ def _call_body(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+def _body(req: Generate, name: str | None, call_end: str) -> str:
+    """A call after its start marker: ``"\\n" {"name": ..., "arguments": ...} "\\n" end``."""
+    tools = req.tools or []
+    strict = all((t.get("function") or {}).get("strict") for t in tools)
+    body = _with_options(_call_body(tools, name), strict)
+    return f'"\\n" %json {json.dumps(body)} "\\n" {call_end}'
+
+
+def call_lark(req: Generate, call_end: str) -> str:
+    """The grammar of one call the model opened itself (``tool_choice`` auto, enforced lazily
+    from the start marker on): the rest of the call, any of the request's functions."""
+    return "start: " + _body(req, None, call_end)
+
+
 def lark(req: Generate, call_start: str | None = None, call_end: str | None = None) -> str | None:
     """The request's grammar (Lark), or None when nothing is enforced. ``call_start`` and
     ``call_end`` are Lark terms for the tool-call markup (``<[id]>`` for a single token)."""
@@ -100,10 +116,8 @@ def lark(req: Generate, call_start: str | None = None, call_end: str | None = No
     if req.tools and req.tool_choice != "none" and (forced or answer is not None):
         if call_start is None or call_end is None:
             raise ValueError("this model's tool-call format cannot be enforced")
-        strict = all((t.get("function") or {}).get("strict") for t in req.tools)
-        body = _with_options(_call_body(req.tools, req.tool_name), strict)
         calls = "call (\"\\n\" call)*" if req.parallel_tool_calls else "call"
-        calls += f'\ncall: {call_start} "\\n" %json {json.dumps(body)} "\\n" {call_end}'
+        calls += f"\ncall: {call_start} {_body(req, req.tool_name, call_end)}"
     if calls is not None and forced:
         return "start: " + calls
     if calls is not None and answer is not None:

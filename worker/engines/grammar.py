@@ -15,7 +15,11 @@ in it). Here it meets the model's tokenizer, and the matcher follows the sequenc
   tokenizer's think-end marker has been generated: the grammar applies to the answer only;
 - the mask is llguidance's bitmask. On Metal it is applied with ``llguidance.mlx``'s kernel;
   elsewhere (CPU, CUDA: ``mx.fast.metal_kernel`` has no back-end there) with ``mx.where``;
-- once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends.
+- once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends;
+- ``tool_choice`` auto is enforced lazily (:class:`LazyCall`): no processor at all until the
+  model samples its tool-call start token (the engine sees it in the token it hands out and
+  re-enters the request with one, undoing the lookahead as a hand-over does); from there the
+  call's body must be ``{"name": <a tool>, "arguments": <valid>}`` and the end marker.
 
 Cost: the matcher must see the last token before it can mask the next. The step's forward pass
 is started first, with the token evaluated apart (:func:`start`), so the matchers consume and
@@ -115,6 +119,29 @@ class Grammars:
             think_end = tuple(self.tokenizer.think_end_tokens)
         return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end, self.n_vocab)
 
+    def trigger(self, req: Generate) -> int | None:
+        """The token that arms :meth:`lazy_call` for ``req`` (its model's tool-call start, one
+        token), or None when ``req`` is not a chat with ``tool_choice`` auto alone whose calls a
+        grammar can enforce (``response_format`` with tools is one grammar from the start)."""
+        if req.messages is None or not req.tools or req.tool_choice != "auto" \
+                or req.json_format is not None or call_terms(self.tokenizer) is None:
+            return None
+        ids = self.tokenizer.encode(self.tokenizer.tool_call_start, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def lazy_call(self, req: Generate, trigger: int) -> LazyCall | None:
+        """The processor for the call the model just opened (None, logged, if its grammar does
+        not compile: the call then stays unenforced, as before)."""
+        terms = call_terms(self.tokenizer)
+        assert terms is not None
+        try:
+            proto = self._proto(grammar.call_lark(req, terms[1]))
+        except ValueError as e:
+            log.warning("%s: the tool-call grammar does not compile (%s); not enforced", req.id, e)
+            return None
+        return LazyCall(proto, trigger, req.parallel_tool_calls, self.vocab_size, self.eos,
+                        self.n_vocab)
+
     def build(self, req: Generate, ids: list[int]) -> GrammarProcessor | Error | None:
         """:meth:`processor`, with a grammar that does not compile as the 400 to answer."""
         try:
@@ -126,6 +153,10 @@ class Grammars:
     def _matcher(self, lark: str) -> Any:
         """A fresh matcher for ``lark``: a copy of one compiled before (agents send the same
         schema again and again; compiling costs ~1.5 ms, a copy ~3 µs)."""
+        return self._proto(lark).deep_copy()
+
+    def _proto(self, lark: str) -> Any:
+        """The compiled matcher for ``lark``, never fed: copy it, never feed it."""
         proto = self._compiled.get(lark)
         if proto is None:
             from llguidance import LLMatcher
@@ -136,7 +167,7 @@ class Grammars:
             if len(self._compiled) >= COMPILED_GRAMMARS:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[lark] = proto
-        return proto.deep_copy()
+        return proto
 
     def _tokenizer(self) -> Any:
         if self._llg is None:
@@ -193,6 +224,40 @@ class GrammarProcessor:
             return None
         m = self.matcher
         return None if m.is_stopped() or m.is_error() else last
+
+    def idle(self) -> bool:
+        """True while this row is not masked (thinking, or between lazy calls)."""
+        return self.think_end is not None
+
+
+class LazyCall(GrammarProcessor):
+    """``tool_choice`` auto: one call the model opened itself, enforced from its start token on.
+
+    It joins the request's processors only once the engine has seen the start token (``trigger``),
+    so before that nothing costs anything; its first call is a fresh one (the trigger is behind
+    it). The grammar is the rest of one call (:func:`grammar.call_lark`). Once the call is
+    complete: with ``parallel_tool_calls`` the row is free again (unmasked) and a new start
+    token opens a new call (a fresh matcher); without, only EOS follows (one call, then the
+    turn ends, as OpenAI's ``parallel_tool_calls: false`` promises)."""
+
+    def __init__(self, proto: Any, trigger: int, parallel: bool, vocab_size: int,
+                 eos: list[int], n_vocab: int) -> None:
+        super().__init__(proto.deep_copy(), vocab_size, eos, None, n_vocab)
+        self.proto, self.trigger, self.parallel = proto, trigger, parallel
+        self.free = False
+
+    def to_consume(self, last: int) -> int | None:
+        if self.free and not self.fresh:
+            if last == self.trigger:  # another call opens: enforce it from the next token
+                self.matcher, self.free = self.proto.deep_copy(), False
+            return None
+        return super().to_consume(last)
+
+    def idle(self) -> bool:
+        if self.parallel and not self.free and not self.matcher.is_error() \
+                and self.matcher.is_accepting():
+            self.free = True  # the call is complete: the model is free again
+        return self.free
 
 
 def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
@@ -298,7 +363,7 @@ def mask_rows(rows: list[tuple[int, GrammarProcessor]], last: list[int],
     for (g, t), ok in zip(eat, _consume(eat), strict=True):
         if not ok:
             log.warning("grammar refused token %d: %s", t, g.matcher.get_error())
-    masking = [(e, g) for e, g in rows if g.think_end is None]
+    masking = [(e, g) for e, g in rows if not g.idle()]
     if not masking:
         return None
     bitmask = allocate_token_bitmask(n_rows, masking[0][1].n_vocab)

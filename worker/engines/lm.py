@@ -25,6 +25,7 @@ Decisions worth knowing:
   and tool calls (``Chunk.tool_calls``, parsed by the tokenizer's tool parser) off the text.
 - Grammars (tool_choice required/named, response_format): one llguidance matcher per request,
   the last of its logits processors (:mod:`grammar`); a hand-over rewinds it with the sampler.
+  ``tool_choice`` auto gets one only once the model opens a call (:mod:`lm_lazy`).
   In the batch all grammar rows are masked in one op (:mod:`lm_batch`'s ``Generator``).
 - Flow control (:mod:`lm_flow`): a paused sequence sits out of the steps with its KV cache.
 - Chunks: one per request per decode step; text held back (a partial stop string or an
@@ -65,6 +66,7 @@ from mlx_supervisor.worker.engines.base import (
 from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_batch import Generator
 from mlx_supervisor.worker.engines.lm_flow import FlowControl, Paused
+from mlx_supervisor.worker.engines.lm_lazy import LazyCalls
 from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
@@ -87,9 +89,10 @@ class _Running:
     stop_seqs: StopSequences
     completion: int = 0
     here: int = 0  # tokens since it joined the batch or went solo (> 0: past its prefill there)
+    trigger: int | None = None  # tool_choice auto: the start token that arms its grammar
 
 
-class LMEngine(FlowControl):
+class LMEngine(FlowControl, LazyCalls):
     def __init__(self, context_length: int = 0, prompt_cache_entries: int = 10,
                  prompt_cache_bytes: int = 1 << 30, completion_batch_size: int = 32,
                  prefill_batch_size: int = 8, prefill_step_size: int = 512) -> None:
@@ -110,6 +113,7 @@ class LMEngine(FlowControl):
         self.by_id: dict[str, int] = {}
         self.paused: dict[str, Paused] = {}
         self.pausing: set[str] = set()
+        self.arming: list[tuple[_Running, int]] = []
         self._stop_seqs: dict[tuple[str, ...], StopSequences] = {}
         self.solo: Solo | None = None
         self._solo_uids = 0  # negative, so never a BatchGenerator uid
@@ -176,6 +180,7 @@ class LMEngine(FlowControl):
         out = TokenStep(req, Markup.of(self.tokenizer, req), start)
         st = _Running(req, 0, len(ids), cached, self.tokenizer.detokenizer, out, max_tokens,
                       sampler_for(req, self.vocab_size), processors, stop_seqs)
+        st.trigger = self.grammars.trigger(req) if constrained is None else None
         if self.running:
             self._handover()
             self._insert(st, rest, cache, ids[:cached], max_tokens)
@@ -303,6 +308,7 @@ class LMEngine(FlowControl):
             caches = self.gen.remove(stopped_by_text, return_prompt_caches=True)
             for cache, tokens in caches.values():
                 self.prompt_cache.insert_cache(self.key, list(tokens), cache)
+        self._arm()
         self._pause_pending()
         self._leave_batch()
         self._maybe_idle()
@@ -330,8 +336,12 @@ class LMEngine(FlowControl):
                 st.detok.finalize()
             if st.req.logprobs and finish != "stop":
                 logprob = token_logprob(self.tokenizer, r.logprobs, r.token, st.req.top_logprobs)
-        return st.out.take(st.detok.last_segment, emit, tokens=0 if finish == "stop" else 1,
-                           logprob=logprob, finish=finish, flush=finish == "length" or eos)
+        before = st.out.where
+        out = st.out.take(st.detok.last_segment, emit, tokens=0 if finish == "stop" else 1,
+                          logprob=logprob, finish=finish, flush=finish == "length" or eos)
+        if out is None and st.trigger is not None:
+            self._saw(st, r.token, before)
+        return out
 
     def _maybe_idle(self) -> None:
         if not self.running:
