@@ -15,11 +15,7 @@ in it). Here it meets the model's tokenizer, and the matcher follows the sequenc
   tokenizer's think-end marker has been generated: the grammar applies to the answer only;
 - the mask is llguidance's bitmask. On Metal it is applied with ``llguidance.mlx``'s kernel;
   elsewhere (CPU, CUDA: ``mx.fast.metal_kernel`` has no back-end there) with ``mx.where``;
-- once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends;
-- ``tool_choice`` auto is enforced lazily (:class:`LazyCall`): no processor at all until the
-  model samples its tool-call start token (the engine sees it in the token it hands out and
-  re-enters the request with one, undoing the lookahead as a hand-over does); from there the
-  call's body must be ``{"name": <a tool>, "arguments": <valid>}`` and the end marker.
+- once the grammar is complete (or the matcher failed) only EOS is allowed, so the request ends.
 
 Cost: the matcher must see the last token before it can mask the next. The step's forward pass
 is started first, with the token evaluated apart (:func:`start`), so the matchers consume and
@@ -95,8 +91,7 @@ class Grammars:
     Hugging Face fast tokenizer inside it, which llguidance reads."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, hf: Any, eos: list[int]) -> None:
-        self.tokenizer, self.hf, self.eos = tokenizer, hf, eos
-        self.vocab_size = vocab_size
+        self.tokenizer, self.hf, self.eos, self.vocab_size = tokenizer, hf, eos, vocab_size
         self.n_vocab = max(vocab_size, len(hf))  # llguidance's vocabulary, so its masks' size
         self._llg: Any = None
         self._compiled: dict[str, Any] = {}  # lark text -> a matcher never fed (oldest first)
@@ -113,34 +108,10 @@ class Grammars:
         lark = grammar.lark(req, *(terms or (None, None)))
         if lark is None:
             return None
-        matcher = self._matcher(lark)
-        think_end = None
-        if initial_state(self.tokenizer, ids) == "reasoning":
-            think_end = tuple(self.tokenizer.think_end_tokens)
-        return GrammarProcessor(matcher, self.vocab_size, self.eos, think_end, self.n_vocab)
-
-    def trigger(self, req: Generate) -> int | None:
-        """The token that arms :meth:`lazy_call` for ``req`` (its model's tool-call start, one
-        token), or None when ``req`` is not a chat with ``tool_choice`` auto alone whose calls a
-        grammar can enforce (``response_format`` with tools is one grammar from the start)."""
-        if req.messages is None or not req.tools or req.tool_choice != "auto" \
-                or req.json_format is not None or call_terms(self.tokenizer) is None:
-            return None
-        ids = self.tokenizer.encode(self.tokenizer.tool_call_start, add_special_tokens=False)
-        return int(ids[0]) if len(ids) == 1 else None
-
-    def lazy_call(self, req: Generate, trigger: int) -> LazyCall | None:
-        """The processor for the call the model just opened (None, logged, if its grammar does
-        not compile: the call then stays unenforced, as before)."""
-        terms = call_terms(self.tokenizer)
-        assert terms is not None
-        try:
-            proto = self._proto(grammar.call_lark(req, terms[1]))
-        except ValueError as e:
-            log.warning("%s: the tool-call grammar does not compile (%s); not enforced", req.id, e)
-            return None
-        return LazyCall(proto, trigger, req.parallel_tool_calls, self.vocab_size, self.eos,
-                        self.n_vocab)
+        thinking = initial_state(self.tokenizer, ids) == "reasoning"
+        think_end = tuple(self.tokenizer.think_end_tokens) if thinking else None
+        return GrammarProcessor(self.matcher(lark), self.vocab_size, self.eos, think_end,
+                                self.n_vocab)
 
     def build(self, req: Generate, ids: list[int]) -> GrammarProcessor | Error | None:
         """:meth:`processor`, with a grammar that does not compile as the 400 to answer."""
@@ -150,13 +121,9 @@ class Grammars:
             return bad_request(req.id, f"the grammar does not compile for this model: {e}",
                                param="response_format")
 
-    def _matcher(self, lark: str) -> Any:
+    def matcher(self, lark: str) -> Any:
         """A fresh matcher for ``lark``: a copy of one compiled before (agents send the same
         schema again and again; compiling costs ~1.5 ms, a copy ~3 µs)."""
-        return self._proto(lark).deep_copy()
-
-    def _proto(self, lark: str) -> Any:
-        """The compiled matcher for ``lark``, never fed: copy it, never feed it."""
         proto = self._compiled.get(lark)
         if proto is None:
             from llguidance import LLMatcher
@@ -167,7 +134,7 @@ class Grammars:
             if len(self._compiled) >= COMPILED_GRAMMARS:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[lark] = proto
-        return proto
+        return proto.deep_copy()
 
     def _tokenizer(self) -> Any:
         if self._llg is None:
@@ -222,42 +189,11 @@ class GrammarProcessor:
             if tuple(self.recent) == self.think_end:
                 self.think_end = None
             return None
-        m = self.matcher
-        return None if m.is_stopped() or m.is_error() else last
+        return None if self.matcher.is_stopped() or self.matcher.is_error() else last
 
     def idle(self) -> bool:
-        """True while this row is not masked (thinking, or between lazy calls)."""
+        """Not masked now: thinking (or, for :class:`lm_lazy.LazyCall`, between calls)."""
         return self.think_end is not None
-
-
-class LazyCall(GrammarProcessor):
-    """``tool_choice`` auto: one call the model opened itself, enforced from its start token on.
-
-    It joins the request's processors only once the engine has seen the start token (``trigger``),
-    so before that nothing costs anything; its first call is a fresh one (the trigger is behind
-    it). The grammar is the rest of one call (:func:`grammar.call_lark`). Once the call is
-    complete: with ``parallel_tool_calls`` the row is free again (unmasked) and a new start
-    token opens a new call (a fresh matcher); without, only EOS follows (one call, then the
-    turn ends, as OpenAI's ``parallel_tool_calls: false`` promises)."""
-
-    def __init__(self, proto: Any, trigger: int, parallel: bool, vocab_size: int,
-                 eos: list[int], n_vocab: int) -> None:
-        super().__init__(proto.deep_copy(), vocab_size, eos, None, n_vocab)
-        self.proto, self.trigger, self.parallel = proto, trigger, parallel
-        self.free = False
-
-    def to_consume(self, last: int) -> int | None:
-        if self.free and not self.fresh:
-            if last == self.trigger:  # another call opens: enforce it from the next token
-                self.matcher, self.free = self.proto.deep_copy(), False
-            return None
-        return super().to_consume(last)
-
-    def idle(self) -> bool:
-        if self.parallel and not self.free and not self.matcher.is_error() \
-                and self.matcher.is_accepting():
-            self.free = True  # the call is complete: the model is free again
-        return self.free
 
 
 def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
@@ -382,10 +318,10 @@ def _mask_one(g: GrammarProcessor, last: int) -> np.ndarray | None:
     into one buffer per request (every mask is copied into MLX before the next is filled)."""
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-    m, t = g.matcher, g.to_consume(last)
+    t, m = g.to_consume(last), g.matcher  # in this order: a lazy call's next call has a new one
     if t is not None and not m.consume_token(t):
         log.warning("grammar refused token %d: %s", t, m.get_error())
-    if g.think_end is not None:
+    if g.idle():
         return None
     if g._bitmask is None:
         g._bitmask = allocate_token_bitmask(1, g.n_vocab)

@@ -66,7 +66,7 @@ from mlx_supervisor.worker.engines.base import (
 from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_batch import Generator
 from mlx_supervisor.worker.engines.lm_flow import FlowControl, Paused
-from mlx_supervisor.worker.engines.lm_lazy import LazyCalls
+from mlx_supervisor.worker.engines.lm_lazy import LazyCalls, trigger
 from mlx_supervisor.worker.engines.lm_prompt import prepare
 from mlx_supervisor.worker.engines.lm_sampling import PENALTY_CONTEXT, sampler_for, token_logprob
 from mlx_supervisor.worker.engines.lm_solo import Solo, refeed_last, undo_lookahead
@@ -180,7 +180,7 @@ class LMEngine(FlowControl, LazyCalls):
         out = TokenStep(req, Markup.of(self.tokenizer, req), start)
         st = _Running(req, 0, len(ids), cached, self.tokenizer.detokenizer, out, max_tokens,
                       sampler_for(req, self.vocab_size), processors, stop_seqs)
-        st.trigger = self.grammars.trigger(req) if constrained is None else None
+        st.trigger = trigger(self.grammars, req) if constrained is None else None
         if self.running:
             self._handover()
             self._insert(st, rest, cache, ids[:cached], max_tokens)
