@@ -23,7 +23,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from mlx_supervisor.worker.engines.grammar import GrammarProcessor, masked
+from mlx_supervisor.worker.engines.grammar import GrammarProcessor
+from mlx_supervisor.worker.engines.grammar_mask import masked
 
 
 class _Masking:
