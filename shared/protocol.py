@@ -313,8 +313,15 @@ class ForkFailed(Base, tag="fork_failed"):
     reason: str
 
 
+class Standby(Base, tag="standby"):
+    """The zygote forked the intermediate of its next double fork ahead (worker/zygote.py,
+    ``_Middle``): the gateway charges its own memory and reaps it if the zygote dies first."""
+
+    pid: int
+
+
 ToZygote = Fork | Shutdown
-FromZygote = ZygoteHello | Forked | ForkFailed
+FromZygote = ZygoteHello | Forked | ForkFailed | Standby
 _to_zygote = msgspec.msgpack.Decoder(ToZygote)
 _from_zygote = msgspec.msgpack.Decoder(FromZygote)
 

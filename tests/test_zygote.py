@@ -191,3 +191,58 @@ def test_gateway_kill_9_leaves_neither_zygote_nor_forked_worker(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         gw.wait(10)
+
+
+def _exists(pid: int) -> bool:
+    """Running or a zombie (not reaped yet)."""
+    return psutil.pid_exists(pid)
+
+
+async def _standby(fs: forkserver.ForkServer, other: int = 0) -> psutil.Process:
+    """The zygote's intermediate forked ahead (a new one, when ``other`` is the last one's pid)."""
+    deadline = time.monotonic() + 30
+    while fs.standby is None or fs.standby.pid == other:
+        assert time.monotonic() < deadline, "the zygote forked no intermediate ahead"
+        await asyncio.sleep(0.02)
+    return fs.standby
+
+
+def test_the_intermediate_forked_ahead_is_used_charged_and_reaped(
+        workers: Any, demo_model_dir: Path) -> None:
+    """A fork takes the intermediate forked ahead (and another is forked after it); it is
+    charged with the zygote; a clean stop reaps it in the zygote, a zygote crash leaves it
+    to the gateway, which reaps it: neither leaves a zombie."""
+    async def main() -> None:
+        fs = forkserver.ForkServer(worker_env({}))
+        await fs.start()
+        await fs.ready(120)
+        first = await _standby(fs)
+        assert first.ppid() == fs.pid and fs.standby_bytes > 0
+        wp = await fs.fork("s1", _argv(workers.endpoint, "s1", demo_model_dir),
+                           worker_env({}), "s1")
+        try:
+            assert psutil.Process(wp.pid).ppid() in (first.pid, os.getpid())  # its child
+            _ready(workers, "s1")
+            second = await _standby(fs, other=first.pid)
+            assert not _exists(first.pid)  # used, exited, reaped by the zygote
+            zygote_pid = fs.pid
+            assert zygote_pid is not None
+            os.kill(zygote_pid, signal.SIGKILL)
+            assert fs.proc is not None
+            await asyncio.wait_for(fs.proc.wait(), 10)
+            fs.reap_standby()  # what ForkLauncher does once the zygote is reaped
+            deadline = time.monotonic() + 10
+            while _exists(second.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not _exists(second.pid)  # dead with the zygote, and reaped by us
+            assert _generate(workers, "s1")[1] == 24  # the worker itself lives on
+        finally:
+            await _stop(wp)
+        fs2 = forkserver.ForkServer(worker_env({}))
+        await fs2.start()
+        await fs2.ready(120)
+        third = await _standby(fs2)
+        await fs2.stop()
+        assert not _exists(third.pid)  # the zygote reaped it on its way out
+
+    asyncio.run(main())

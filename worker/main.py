@@ -55,6 +55,7 @@ log = logging.getLogger("mlx_supervisor.worker")
 OUT_ADDR = "inproc://mlx-out"
 SHUTDOWN_GRACE = 2.0  # seconds the MLX thread gets to finish its current step on Shutdown
 EXIT_BACKSTOP = 1.0  # seconds for socket teardown before we exit regardless
+REPARENT_TIMEOUT = 5.0  # seconds a forked worker waits to become the gateway's child
 BURST = 256  # messages moved per socket per loop turn
 
 
@@ -135,24 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         preload(args.kind or "lm")
         log.info("spare: imports for %s done in %.2fs", args.kind or "lm", time.monotonic() - t0)
 
+    # The model loads from here on, while the gateway's DEALER connects and says Hello (the
+    # Ready it may push waits for the io loop, so it always follows the Hello).
     zctx = zmq.Context()
+    pull = zctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(OUT_ADDR)
+    mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id, endpoint=args.endpoint,
+                    data_id=args.worker_id.encode() + DATA_SUFFIX)
+    if not args.spare:
+        mlx.inbox.put(Load(model_id=args.model_id, path=args.path, kind=args.kind,
+                           context_length=args.context_length))
+    mlx.start()
+
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.IDENTITY, args.worker_id.encode())
     dealer.setsockopt(zmq.LINGER, 500)
     dealer.connect(args.endpoint)
-    pull = zctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind(OUT_ADDR)
-
-    mlx = MLXThread(zctx, OUT_ADDR, on_model_id=set_model_id, endpoint=args.endpoint,
-                    data_id=args.worker_id.encode() + DATA_SUFFIX)
-    mlx.start()
     dealer.send(encode(Hello(pid=os.getpid(), protocol=PROTOCOL_VERSION)))
     log.info("hello sent to %s as %s", args.endpoint, args.worker_id)
-    if not args.spare:
-        mlx.inbox.put(Load(model_id=args.model_id, path=args.path, kind=args.kind,
-                           context_length=args.context_length))
 
+    process_guard.settle(REPARENT_TIMEOUT)  # a forked worker: the gateway's child from here on
     code = _loop(args, dealer, pull, mlx, parent)
     _teardown(zctx, dealer, pull, mlx, code)
     return code  # not reached: _teardown exits

@@ -14,10 +14,12 @@ Rules it keeps:
   transformers, tokenizers, numpy and the worker's own modules (about 9.5 s on the H200 box,
   where transformers pulls in torch) and each child imports mlx and mlx_lm (0.3-0.5 s).
 - **A worker is the gateway's child, not ours.** The zygote forks an intermediate that forks the
-  worker and exits at once; the gateway is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so the
+  worker and exits; the gateway is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so the
   worker is re-parented to it. The gateway reaps it like any worker, a zygote crash leaves
   every worker running, and the worker's ``PR_SET_PDEATHSIG`` (set once its parent is the
-  gateway) kills it when the gateway dies, ``kill -9`` included.
+  gateway: ``process_guard.settle``, after its Hello, before it serves) kills it when the
+  gateway dies, ``kill -9`` included. The intermediate is forked ahead (``_Middle``), so a
+  miss pays one fork, not two.
 - **Each worker starts clean**: its own session and process group (``setsid``), its own stderr
   pipe (passed with ``Fork``), stdin/stdout on /dev/null, the environment the gateway gave it,
   the default signal dispositions, a fresh MLX random seed, and its own ZeroMQ context and
@@ -45,6 +47,7 @@ from mlx_supervisor.shared.protocol import (
     Forked,
     ForkFailed,
     Shutdown,
+    Standby,
     ZygoteHello,
     decode_to_zygote,
     encode,
@@ -52,7 +55,8 @@ from mlx_supervisor.shared.protocol import (
 from mlx_supervisor.worker import process_guard
 
 log = logging.getLogger("mlx_supervisor.zygote")
-REPARENT_TIMEOUT = 5.0  # seconds a new worker waits to become the gateway's child
+PREFORK_AFTER = 0.2  # seconds after a fork before the next intermediate is forked ahead
+FORK_TIMEOUT = 10.0  # seconds an intermediate has to report its worker's pid
 # What a first mlx_lm.load of a llama-family model imports lazily (seen with -X importtime):
 # imported here once, it is not paid by every forked worker's load.
 WARM_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3",
@@ -116,9 +120,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) -> int:
-    ctl.settimeout(1.0)
+    standby: list[_Middle] = []  # the intermediate forked ahead, at most one
+    try:
+        return _loop(ctl, parent, cuda, standby)
+    finally:
+        for m in standby:
+            m.close()
+        _reap_middles(wait=True)  # none is left to the gateway to reap
+
+
+def _loop(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool,
+          standby: list[_Middle]) -> int:
+    last_fork = -PREFORK_AFTER
     while True:
         _reap_middles()
+        due = last_fork + PREFORK_AFTER - time.monotonic()
+        if not standby and not cuda and due <= 0:
+            standby.append(_Middle(ctl, parent.original))
+            ctl.send(encode(Standby(pid=standby[0].pid)))
+        ctl.settimeout(1.0 if standby or cuda else max(due, 0.001))
         try:
             data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 1)
         except TimeoutError:
@@ -146,7 +166,8 @@ def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) ->
                 os.close(fd)
             continue
         try:
-            pid = _fork(ctl, msg, fds[0], parent.original)
+            middle = standby.pop() if standby else _Middle(ctl, parent.original)
+            pid = middle.fork(msg, fds[0])
         except Exception as e:
             log.exception("fork for %s failed", msg.worker_id)
             ctl.send(encode(ForkFailed(worker_id=msg.worker_id, reason=f"{type(e).__name__}: {e}")))
@@ -154,68 +175,103 @@ def _serve(ctl: socket.socket, parent: process_guard.ParentWatch, cuda: bool) ->
         finally:
             for fd in fds:
                 os.close(fd)
+        last_fork = time.monotonic()
         ctl.send(encode(Forked(worker_id=msg.worker_id, pid=pid)))
-        log.info("forked %s as pid %d", msg.worker_id, pid)
+        log.debug("forked %s as pid %d", msg.worker_id, pid)
 
 
-def _fork(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> int:
-    """Fork an intermediate that forks the worker and exits; the worker's pid. The pid is read
-    as soon as it is written: the intermediate's exit (and reap) is not waited for here."""
-    r, w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
+class _Middle:
+    """The intermediate of a double fork, forked ahead (``PREFORK_AFTER`` s after the last
+    fork, when the box has gone quiet again): a miss then pays one fork on its path, the
+    intermediate's, not two. It holds no socket but its pipe to us, dies with us
+    (``PR_SET_PDEATHSIG``), and shares every page with us copy-on-write (its own memory is
+    its page tables, 1-2 MB). Given one ``Fork`` (and the stderr fd), it forks the worker,
+    writes the worker's pid and exits, so the worker is re-parented to the gateway."""
+
+    def __init__(self, ctl: socket.socket, gateway: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                ours.close()
+                ctl.close()  # the worker's Fork arrives on ``theirs``
+                process_guard.die_with(zygote)
+                _middle(theirs, gateway)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid, self.sock = pid, ours
+
+    def fork(self, msg: Fork, errfd: int) -> int:
+        """The worker's pid, read as soon as it is written (the intermediate's exit and reap
+        are not waited for)."""
         try:
-            os.close(r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(w)
-                _child(ctl, msg, errfd, gateway)  # never returns
-            os.write(w, b"%d\n" % pid)
+            socket.send_fds(self.sock, [encode(msg)], [errfd])
+            self.sock.settimeout(FORK_TIMEOUT)
+            out = self.sock.recv(64)
         finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.readline()
-    _MIDDLES.add(middle)
-    if not out.strip():
-        raise RuntimeError("the intermediate process reported no pid")
-    return int(out)
+            self.close()
+        if not out.strip():
+            raise RuntimeError("the intermediate process reported no pid")
+        return int(out)
+
+    def close(self) -> None:
+        self.sock.close()
+        _MIDDLES.add(self.pid)  # it exits on its own (EOF or done): reaped by _reap_middles
+
+
+def _middle(sock: socket.socket, gateway: int) -> None:
+    data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+    if not data or not fds:
+        return  # the zygote is closing (EOF) or gave no stderr fd
+    msg = decode_to_zygote(data)
+    assert isinstance(msg, Fork)
+    pid = os.fork()
+    if pid == 0:
+        sock.close()
+        _child(msg, fds[0], gateway)  # never returns
+    sock.send(b"%d" % pid)
 
 
 _MIDDLES: set[int] = set()  # intermediates not reaped yet
 
 
-def _reap_middles() -> None:
+def _reap_middles(wait: bool = False) -> None:
+    """Reap the intermediates that have exited; ``wait``: all of them, now (they exit within
+    milliseconds of their fork or of EOF on their pipe)."""
     for pid in list(_MIDDLES):
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done:
             _MIDDLES.discard(pid)
 
 
-def _child(ctl: socket.socket, msg: Fork, errfd: int, gateway: int) -> None:
-    """The worker, from the fork on: start clean, become the gateway's child, run worker.main."""
+def _child(msg: Fork, errfd: int, gateway: int) -> None:
+    """The worker, from the fork on: start clean, run worker.main (which becomes the gateway's
+    child before it serves)."""
     code = 1
     try:
-        ctl.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.dup2(errfd, 2)
+        os.close(errfd)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
         os.environ.clear()
         os.environ.update(msg.env)
-        deadline = time.monotonic() + REPARENT_TIMEOUT
-        while os.getppid() != gateway:  # the intermediate is exiting: we go to the subreaper
-            if time.monotonic() > deadline:
-                os._exit(EXIT_PARENT_GONE)
-            time.sleep(0.0005)
-        process_guard.forget_parent()  # main() sets the death signal against the gateway
+        # worker.main settles (becomes the gateway's child, sets the death signal) after its
+        # Hello: the intermediate's exit overlaps the start.
+        process_guard.settle_later(gateway)
         _reseed()
         sys.argv = ["mlx_supervisor.worker", *msg.argv]
         from mlx_supervisor.worker.main import main as worker_main

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import socket
@@ -29,76 +27,32 @@ from typing import Any
 import psutil
 
 from mlx_supervisor.gateway.supervisor import process
+from mlx_supervisor.gateway.supervisor.adopted import (
+    AdoptedProcess,
+    become_subreaper,
+    pipe_reader,
+    private_bytes,
+    reap_when_exited,
+)
 from mlx_supervisor.gateway.supervisor.process import WorkerProcess
 from mlx_supervisor.shared.protocol import (
     Fork,
     Forked,
     ForkFailed,
     Shutdown,
+    Standby,
     ZygoteHello,
     decode_from_zygote,
     encode,
 )
 
 log = logging.getLogger("mlx_supervisor.supervisor")
-PR_SET_CHILD_SUBREAPER = 36
 FORK_TIMEOUT = 10.0
 
 
 def supported() -> bool:
     """Forking is enabled on Linux only (macOS: see SUPERVISOR.md, 'The zygote and macOS')."""
     return sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
-
-
-def become_subreaper() -> bool:
-    """Orphaned descendants (the zygote's workers) are re-parented to this process."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-class AdoptedProcess:
-    """A child asyncio did not start (a worker the zygote forked, ours as subreaper), with the
-    part of ``asyncio.subprocess.Process`` that ``WorkerProcess`` uses."""
-
-    def __init__(self, pid: int, stderr: asyncio.StreamReader) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self.stderr = stderr
-        self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[int] = self._loop.create_future()
-        self._pidfd = os.pidfd_open(pid)
-        self._loop.add_reader(self._pidfd, self._reap)
-
-    def _reap(self) -> None:
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # not ours after all (no subreaper): it has exited, rc unknown
-            pid, status = self.pid, 255 << 8
-        if pid == 0:
-            return
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self._done.set_result(self.returncode)
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._done)
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-
-async def _pipe_reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(fd, "rb", 0))
-    return reader
 
 
 class ForkServer:
@@ -112,6 +66,8 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._ready: asyncio.Future[ZygoteHello] | None = None
         self._pending: dict[str, asyncio.Future[int]] = {}
+        self.standby: psutil.Process | None = None  # the intermediate forked ahead
+        self.standby_bytes = 0
 
     @property
     def pid(self) -> int | None:
@@ -179,7 +135,7 @@ class ForkServer:
             raise
         finally:
             self._pending.pop(worker_id, None)
-        return WorkerProcess(AdoptedProcess(pid, await _pipe_reader(r)), label)
+        return WorkerProcess(AdoptedProcess(pid, await pipe_reader(r)), label)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -197,6 +153,9 @@ class ForkServer:
         except Exception as e:
             log.warning("dropping undecodable zygote frame (%d bytes): %s", len(data), e)
             return
+        if isinstance(msg, Standby):
+            self._on_standby(msg.pid)
+            return
         if isinstance(msg, ZygoteHello):
             self.hello = msg
             log.info("zygote pid=%d ready: imports in %.2fs, %d threads", msg.pid,
@@ -208,9 +167,29 @@ class ForkServer:
         if fut is None or fut.done():
             return
         if isinstance(msg, Forked):
+            self.standby, self.standby_bytes = None, 0  # used (or none): the zygote reaps it
             fut.set_result(msg.pid)
         elif isinstance(msg, ForkFailed):
             fut.set_exception(RuntimeError(f"zygote could not fork: {msg.reason}"))
+
+    def _on_standby(self, pid: int) -> None:
+        """Its own memory (what it does not share with the zygote, and its page tables) is
+        charged with the zygote's; it stays about the same, since it does nothing."""
+        try:
+            self.standby = psutil.Process(pid)
+        except psutil.Error:
+            self.standby, self.standby_bytes = None, 0
+            return
+        self.standby_bytes = private_bytes(pid)
+
+    def reap_standby(self) -> None:
+        """After the zygote's exit: its intermediate (killed by its death signal) is ours now,
+        as the subreaper; reap it once it has exited. A zygote that stopped cleanly reaped it
+        itself (then it is gone, or no longer our child)."""
+        p, self.standby, self.standby_bytes = self.standby, None, 0
+        with contextlib.suppress(psutil.Error):
+            if p is not None and p.is_running() and p.ppid() == os.getpid():
+                reap_when_exited(p.pid)
 
     def _closed(self, why: str) -> None:
         sock, self._sock = self._sock, None
@@ -236,6 +215,7 @@ class ForkServer:
             return None
         rc = await self.proc.stop(self.send_shutdown, grace)
         self._closed("the zygote stopped")
+        self.reap_standby()
         return rc
 
 
@@ -286,6 +266,7 @@ class ForkLauncher:
                     return
                 rc = await wp.wait()
                 fs._closed(f"the zygote {process.describe_exit(rc)}")
+                fs.reap_standby()
             if self._closing:
                 return
             delay = self.RESTART[min(self.crashes, len(self.RESTART) - 1)]
@@ -323,7 +304,7 @@ class ForkLauncher:
         """What the ledger charges for the zygote: its RSS (its workers share its pages
         copy-on-write, and are charged their own full footprint as well)."""
         fs = self.server
-        return fs.rss() if fs is not None and fs.alive else 0
+        return fs.rss() + fs.standby_bytes if fs is not None and fs.alive else 0
 
     @property
     def pid(self) -> int | None:
