@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -61,20 +61,26 @@ class _Helper:
         self.jobs: SimpleQueue[tuple[list[tuple[int, GrammarProcessor]], mx.array, int, int]]
         self.jobs = SimpleQueue()
         self.done: SimpleQueue[tuple[Any, BaseException | None]] = SimpleQueue()
+        self.taken = 0  # jobs done on the MLX thread after all (:meth:`result`)
         threading.Thread(target=self._run, name="grammar", daemon=True).start()
 
     def _run(self) -> None:
-        get, put = self.jobs.get, self.done.put
+        get, put, work = self.jobs.get, self.done.put, self._work
         while True:
-            rows, last, n_rows, n = get()
-            try:
-                tokens: Any = last.tolist()  # already scheduled: this only waits for its event
-                out: Any = mask_rows(rows, tokens, n_rows)
-                if out is not None and mx.default_device() == mx.cpu:
-                    out = allowed(out, n)
-                put((out, None))
-            except BaseException as e:  # noqa: BLE001 - raised on the MLX thread instead
-                put((None, e))
+            put(work(get()))
+
+    @staticmethod
+    def _work(job: tuple[list[tuple[int, GrammarProcessor]], mx.array, int, int]
+              ) -> tuple[Any, BaseException | None]:
+        rows, last, n_rows, n = job
+        try:
+            tokens: Any = last.tolist()  # already scheduled: this only waits for its event
+            out: Any = mask_rows(rows, tokens, n_rows)
+            if out is not None and mx.default_device() == mx.cpu:
+                out = allowed(out, n)
+            return out, None
+        except BaseException as e:  # noqa: BLE001 - raised on the MLX thread instead
+            return None, e
 
     def start(self, rows: list[tuple[int, GrammarProcessor]], last: mx.array, n_rows: int,
               n: int) -> None:
@@ -82,8 +88,16 @@ class _Helper:
 
     def result(self) -> Any:
         """The mask as :func:`allowed` makes it (on the CPU backend), else the bitmask, or
-        None (no row masks yet)."""
-        ok, err = self.done.get()
+        None (no row masks yet). A job the helper has not picked up yet (on a box with no
+        core free for it) is taken back and done here: waiting for the helper to be scheduled
+        would cost more than the work."""
+        try:
+            job = self.jobs.get_nowait()
+        except Empty:
+            ok, err = self.done.get()
+        else:
+            self.taken += 1
+            ok, err = self._work(job)
         if err is not None:
             raise err
         return ok
