@@ -30,6 +30,7 @@ from bench.common import (
     ratio,
     started,
 )
+from bench.grammar_auto import auto_figures
 from bench.load import concurrent, request
 
 MIN_CHARS_PER_TOKEN = 16  # the bench model writes ~2.5 characters per token inside the string
@@ -158,6 +159,7 @@ def grammar(s: Settings) -> dict[str, Any]:
                        "vs none, single stream", median(free_on), median(free_off), "tokens/s",
                        "higher", "the same chat request without a grammar",
                        decoded_tokens=free_seen.summary(), paired=spread(free_on, free_off)))
+    figs += auto_figures(s)  # tool_choice auto before any call: bench/grammar_auto
     return {"figures": figs, "details": {
         "penalty_with": [round(x, 1) for x in pen_on],
         "penalty_without": [round(x, 1) for x in pen_off],
