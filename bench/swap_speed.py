@@ -73,10 +73,11 @@ def _settle(url: str, path: str) -> None:
         wait_spare(url)
 
 
-def _path_runs(s: Settings, d: Path, path: str, reps: int) -> dict[str, list[float]]:
+def _path_runs(s: Settings, d: Path, path: str, reps: int) -> dict[str, list[Any]]:
     """Per rep: ``/admin/models/m/load`` wall (spawn to ready), then after an unload the TTFT
-    of a request for the cold model."""
-    out: dict[str, list[float]] = {"ready_s": [], "ttft_s": [], "worker_load_s": []}
+    of a request for the cold model, right after one in-process baseline run (``base``): the
+    box is shared, and a baseline measured minutes apart from its figure measures the box."""
+    out: dict[str, list[Any]] = {"ready_s": [], "ttft_s": [], "worker_load_s": [], "base": []}
     with started(gateway({"m": {"path": str(d), "kind": "lm"}}, PATHS[path])) as srv:
         for _ in range(reps):
             _settle(srv.url, path)
@@ -90,6 +91,7 @@ def _path_runs(s: Settings, d: Path, path: str, reps: int) -> dict[str, list[flo
                                      if w["model"] == "m"]
             httpx.post(srv.url + "/admin/models/m/unload", timeout=60)
             wait_unloaded(srv.url, "m")
+            out["base"].append(inproc("cold", str(d)))
             _settle(srv.url, path)
             res = _run(request(srv.port, "/v1/completions", completion_body("m", 1)))
             if res.status != 200:
@@ -101,19 +103,21 @@ def _path_runs(s: Settings, d: Path, path: str, reps: int) -> dict[str, list[flo
 
 
 def cold(s: Settings) -> dict[str, Any]:
-    """Spawn-to-ready and cold TTFT for each path ÷ the in-process load (+ first token)."""
+    """Spawn-to-ready and cold TTFT for each path ÷ the in-process load (+ first token), each
+    path against the baseline runs interleaved with its own reps."""
     d = model_dir(s)
     reps = s.pick(2, 4, 1)
     inproc("cold", str(d))  # discarded: MLX's CUDA backend fills its kernel cache on disk here
-    base_runs = [inproc("cold", str(d)) for _ in range(reps)]
-    load = median([b["load_s"] for b in base_runs])
-    first = median([b["load_first_token_s"] for b in base_runs])
-    fresh = median([b["import_s"] + b["load_first_token_s"] for b in base_runs])
     figs: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for path in PATHS:
         runs = _path_runs(s, d, path, reps)
+        base_runs = runs.pop("base")
+        load = median([b["load_s"] for b in base_runs])
+        first = median([b["load_first_token_s"] for b in base_runs])
         details[path] = {k: [round(x * 1e3, 1) for x in v] for k, v in runs.items()}
+        details[path]["inproc_ms"] = [{k: round(v * 1e3, 1) for k, v in b.items()}
+                                      for b in base_runs]
         ready, ttft = median(runs["ready_s"]), median(runs["ttft_s"])
         figs.append(figure(f"spawn to ready, {path}", ready * 1e3, load * 1e3, "ms", "lower",
                            "mlx_lm.load in-process (imports done)"))
@@ -122,9 +126,9 @@ def cold(s: Settings) -> dict[str, Any]:
                            target="<= 1.5x" if no_spare else None,
                            passed=ttft <= 1.5 * first if no_spare else None,
                            overhead_ms=round((ttft - first) * 1e3, 1)))
+    fresh = median([b["import_s"] + b["load_first_token_s"] for b in base_runs])
     figs.append(figure("cold TTFT, cold path vs fresh process", median(runs["ttft_s"]) * 1e3,
                        fresh * 1e3, "ms", "lower", "fresh process: import mlx_lm + load + token"))
-    details["inproc_ms"] = [{k: round(v * 1e3, 1) for k, v in b.items()} for b in base_runs]
     return {"figures": figs, "details": details}
 
 

@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for kind in filter(None, args.kinds.split(",")):
             preload(kind, start_device=False)
-    # The worker's own modules too (zmq, psutil, msgspec): importing them opens nothing.
-    import mlx_supervisor.worker.main  # noqa: F401
+    # The worker's own modules too (zmq, psutil, msgspec): importing them opens nothing. One
+    # parse of a worker's arguments fills argparse's caches (regexes, gettext look-ups) that
+    # every forked worker would otherwise fill on its own first parse (2-3 ms of its start).
+    from mlx_supervisor.worker.main import parse_args as worker_args
+
+    worker_args(["--spare", "--endpoint", "ipc:///nonexistent", "--worker-id", "warm-up"])
 
     _import_quietly(tuple(m for m in WARM_MODULES if not (pre_mlx and m.startswith("mlx"))))
 
@@ -267,8 +271,11 @@ def _child(msg: Fork, errfd: int, gateway: int) -> None:
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
-        os.environ.clear()
-        os.environ.update(msg.env)
+        for key in [k for k in os.environ if k not in msg.env]:  # usually the same: a diff
+            del os.environ[key]  # is a few putenv calls where clear() + update() is ~60
+        for key, value in msg.env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         # worker.main settles (becomes the gateway's child, sets the death signal) after its
         # Hello: the intermediate's exit overlaps the start.
         process_guard.settle_later(gateway)
