@@ -18,6 +18,7 @@ llguidance's tokenizer). For context, the same 16-stream pairing with mlx-lm's o
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 from typing import Any
 
@@ -133,6 +134,7 @@ def grammar(s: Settings) -> dict[str, Any]:
     reps, streams = s.pick(4, 8, 1), 16
     single = s.pick(8, 16, 1)  # single-stream pairs vary most (1-3 ms a token here), and cost least
     one_seen, many_seen, pen_seen, free_seen = Decoded(), Decoded(), Decoded(), Decoded()
+    load = [os.getloadavg()]  # the shared box's load moves every figure here: kept with them
     with started(gateway(_lm_models(path))) as srv:
         _wait_ready(srv.url)
         one_on, one_off = _paired(
@@ -144,6 +146,7 @@ def grammar(s: Settings) -> dict[str, Any]:
         pen_on, pen_off = _paired(
             max(2, reps // 2), lambda tag, c: _many(srv.port, streams, max_tokens, tag, c, pen_seen),
             arm="penalty")
+    load.append(os.getloadavg())
     figs = []
     for name, on, off, seen in (("single stream", one_on, one_off, one_seen),
                                 (f"{streams} streams (aggregate)", many_on, many_off, many_seen)):
@@ -164,6 +167,8 @@ def grammar(s: Settings) -> dict[str, Any]:
         "penalty_with": [round(x, 1) for x in pen_on],
         "penalty_without": [round(x, 1) for x in pen_off],
         "max_tokens": max_tokens, "pairs": reps, "single_pairs": single,
+        "load_average": {"start": [round(x, 2) for x in load[0]],
+                         "end": [round(x, 2) for x in load[1]]},
         "single_with": [round(x, 1) for x in one_on], "single_without": [round(x, 1) for x in one_off],
         "many_with": [round(x, 1) for x in many_on], "many_without": [round(x, 1) for x in many_off],
         "schema": schema(max_tokens)}}
