@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_supervisor.worker import engines, sharding
         spec = sharding.ShardSpec.from_args(args)
         if sharding.env_rank() != 0:  # followers never talk to the gateway
-            from mlx_supervisor.worker.engines.sharded import follower_main
+            from mlx_supervisor.worker.engines.shard_group import follower_main
 
             fmt.model_id = f"{args.model_id}/rank{sharding.env_rank()}"
             return follower_main(args.path, spec)

@@ -5,23 +5,30 @@ The gateway starts the group with ``mlx.launch`` (see :mod:`group_launch`): ever
 
 - **Rank 0** is an ordinary worker to the gateway (DEALER, Hello/Ready/heartbeats): its MLX
   thread runs :class:`ShardedEngine`.
-- **The other ranks** never talk to the gateway (:func:`follower_main`). They receive every
-  command from rank 0 over ``mx.distributed`` (one ``all_sum`` per command, as
-  ``_share_object`` in mlx_lm/server.py does) and step the same generator in lockstep, so every
-  collective inside the sharded model meets its peers.
+- **The other ranks** never talk to the gateway (:func:`shard_group.follower_main`). They
+  receive every command from rank 0 over ``mx.distributed`` (one ``all_sum`` per command, as
+  ``_share_object`` in mlx_lm/server.py does) and step the same generators in lockstep, so
+  every collective inside the sharded model meets its peers (the group and its commands:
+  :mod:`shard_group`).
 
-Commands from rank 0: ``JOB`` (a ``Generate`` with prompt ids, the clamped ``max_tokens`` and a
-seed; every rank starts the same ``stream_generate``), ``STEP`` (every rank takes one token),
-``STOP`` (drop the current generation: a cancel or a stop string) and ``SHUTDOWN``. One request
-runs at a time (no ``BatchGenerator``); the others wait in rank 0's queue. Every rank samples
-with the same seeded key stream, so every rank feeds the model the same tokens. Only rank 0
-emits.
+One request decodes at a time (no ``BatchGenerator``); the others wait in rank 0's queue. Every
+rank samples with the same seeded key stream, so every rank feeds the model the same tokens.
+Only rank 0 emits.
+
+Flow control, as in the VLM engine: every started request has its own generator (its KV cache
+inside it) in its own slot on every rank. ``pause`` takes a request out of turn: rank 0 sends
+no STEP for its slot, so no rank decodes it, and the next queued request starts meanwhile (a
+client that stopped reading does not hold the group from the others). ``resume`` puts it back
+in line and it goes on from the same token: greedy and seeded output (each request has its own
+key stream) equals an unpaused run. The oldest unpaused request is the one that decodes. A
+cancel while paused drops the slot on every rank.
 
 Formation: with the ring backend ``mx.distributed.init`` blocks for good (holding the GIL)
 while a peer is missing, so a real-time timer bounds it (``--formation-timeout``): the rank
-ends by SIGALRM and the launcher reports the group that did not form. A lost peer makes the next collective raise: rank 0 then
-fails its requests and ends its process (:class:`GroupLost`), and the gateway kills what is left
-of the group. No prompt cache across requests (each request prefills from scratch).
+ends by SIGALRM and the launcher reports the group that did not form. A lost peer makes the
+next collective raise: rank 0 then fails its requests and ends its process
+(:class:`GroupLost`), and the gateway kills what is left of the group. No prompt cache across
+requests (each request prefills from scratch).
 """
 
 from __future__ import annotations
@@ -31,9 +38,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +45,9 @@ from typing import Any
 
 import mlx.core as mx
 import msgspec
-import numpy as np
 import psutil
-from mlx_lm.generate import generation_stream, stream_generate
-from mlx_lm.sample_utils import make_logits_processors
-from mlx_lm.utils import sharded_load
 
 from mlx_supervisor.shared.protocol import (
-    EXIT_LOAD_FAILED,
     Done,
     Embed,
     Error,
@@ -56,7 +55,6 @@ from mlx_supervisor.shared.protocol import (
     Memory,
     RankInfo,
     Started,
-    decode_to_worker,
     encode,
 )
 from mlx_supervisor.worker.engines.base import (
@@ -69,118 +67,34 @@ from mlx_supervisor.worker.engines.base import (
 )
 from mlx_supervisor.worker.engines.grammar import Grammars, initial_state
 from mlx_supervisor.worker.engines.lm_prompt import prepare
-from mlx_supervisor.worker.engines.lm_sampling import sampler_for, token_logprob
-from mlx_supervisor.worker.sharding import ShardSpec, env_rank
+from mlx_supervisor.worker.engines.lm_sampling import token_logprob
+from mlx_supervisor.worker.engines.shard_group import (
+    JOB,
+    SHUTDOWN,
+    STEP,
+    STOP,
+    Channel,
+    GroupLost,
+    form_group,
+    gather_ranks,
+    load_shard,
+    start_generation,
+)
+from mlx_supervisor.worker.sharding import ShardSpec
 
 log = logging.getLogger("mlx_supervisor.worker")
 
-JOB, STEP, STOP, SHUTDOWN = 1, 2, 3, 4
-
-
-class GroupLost(BaseException):  # noqa: N818 - not an error to catch and carry on from
-    """A collective failed (a peer is gone) or the ranks fell out of step. It is a
-    ``BaseException`` so that the MLX thread's per-step ``except Exception`` does not swallow it:
-    the process ends, and with it the group, instead of serving from a broken group."""
-
-
-def form_group(spec: ShardSpec) -> Any:
-    """``mx.distributed.init``, bounded by ``spec.formation_timeout``.
-
-    With the ring backend, init waits for good while a peer is missing, and it holds the GIL
-    while it waits, so no Python thread (not even the io thread's heartbeats) can time it out.
-    A real-time timer can: SIGALRM, left at its default action, ends the process, and mlx.launch
-    (see ``group_launch``) reports the rank that ended, with the reason, and stops the others."""
-    where = f"{spec.ranks} ranks on {', '.join(spec.hosts)} ({spec.backend} backend)"
-    log.info("forming the group of %s; formation_timeout %gs", where, spec.formation_timeout)
-    t0 = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, spec.formation_timeout)
-    try:
-        group = mx.distributed.init(strict=True, backend=spec.backend)
-    except Exception as e:
-        raise RuntimeError(f"the group of {where} could not form: {e}") from e
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    if group.size() != spec.ranks:
-        raise RuntimeError(f"the {spec.backend} backend formed a group of {group.size()} "
-                           f"rank(s), expected {spec.ranks}: was the worker started by mlx.launch?")
-    log.info("rank %d of %d: group formed in %.2fs", group.rank(), group.size(),
-             time.monotonic() - t0)
-    return group
-
-
-def load_shard(path: str, spec: ShardSpec, group: Any) -> tuple[Any, Any, dict[str, Any]]:
-    p = Path(path)
-    if not path or not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path!r} has no config.json")
-    tensor = group if spec.parallel == "tensor" else None
-    pipeline = group if spec.parallel == "pipeline" else None
-    # sharded_load ends with an all_sum barrier: every rank has its shard when it returns.
-    model, tokenizer, config = sharded_load(path, pipeline_group=pipeline, tensor_group=tensor,
-                                            return_config=True)
-    return model, tokenizer, config
-
-
-def gather_ranks(group: Any) -> list[tuple[int, int]]:
-    """Every rank's (pid, MLX bytes after load), rank order; a collective, so all ranks call it."""
-    mine = mx.array([os.getpid(), mx.get_active_memory() + mx.get_cache_memory()],
-                    dtype=mx.int64)
-    both = mx.distributed.all_gather(mine, group=group, stream=mx.cpu)
-    rows: Any = np.array(both).reshape(-1, 2).tolist()
-    return [(int(a), int(b)) for a, b in rows]
-
-
-class Channel:
-    """Rank 0 broadcasts ``(code, payload)``; the others receive it. One ``all_sum`` for the
-    header, one for the payload: every other rank contributes zeros. Every rank issues the same
-    collectives in the same order on one stream, which is what keeps them paired."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-
-    def _sum(self, a: mx.array) -> mx.array:
-        try:
-            # On the generation stream, behind the model's own collectives: stream_generate
-            # has always queued the next forward pass (async_eval) before it yields a token.
-            # On another stream the ranks could pair this all_sum with different operations.
-            with mx.stream(generation_stream):
-                out = mx.distributed.all_sum(a, group=self.group)
-            mx.eval(out)
-        except RuntimeError as e:
-            raise GroupLost(f"lost a peer of the sharded group: {e}") from e
-        return out
-
-    def send(self, code: int, payload: bytes = b"") -> None:
-        self._sum(mx.array([code, len(payload)], dtype=mx.int32))
-        if payload:
-            self._sum(mx.array(np.frombuffer(payload, dtype=np.uint8)))
-
-    def recv(self) -> tuple[int, bytes]:
-        head: Any = self._sum(mx.zeros((2,), dtype=mx.int32)).tolist()
-        code, n = int(head[0]), int(head[1])
-        payload = bytes(np.array(self._sum(mx.zeros((n,), dtype=mx.uint8)))) if n else b""
-        return code, payload
-
-
-def start_generation(model: Any, tokenizer: Any, job: Generate, grammars: Grammars) -> Any:
-    """The generator every rank steps in lockstep. ``job.seed`` is always set, so every rank
-    draws the same tokens; a grammar is deterministic too, so every rank masks alike."""
-    processors = make_logits_processors(job.logit_bias, job.repetition_penalty, 20,
-                                        job.presence_penalty, 20, job.frequency_penalty, 20)
-    ids = list(job.prompt_ids or [])
-    constrained = grammars.processor(job, ids)
-    if constrained is not None:
-        processors.append(constrained)
-    return stream_generate(model, tokenizer, ids, max_tokens=job.max_tokens,
-                           sampler=sampler_for(job, grammars.vocab_size),
-                           logits_processors=processors)
-
 
 @dataclass
-class _Current:
+class _Running:
+    """A started request: its slot on every rank and rank 0's own generator."""
+
     req: Generate
+    slot: int
     it: Any
     prompt_tokens: int
     out: TokenStep
+    completion: int = 0
     cancelled: bool = False
 
 
@@ -196,7 +110,9 @@ class ShardedEngine:
         self.chan: Channel | None = None
         self.queue: collections.deque[tuple[Generate, TokenStep]] = collections.deque()
         self.grammars: Grammars | None = None
-        self.cur: _Current | None = None
+        self.live: dict[str, _Running] = {}  # started, oldest first; paused ones wait here
+        self.paused: set[str] = set()
+        self._slots = 0
         self.peers: list[tuple[int, int]] = []
         self.ranks: list[RankInfo] = []
         """Every rank (replaced whole on each reading; the io thread reads it for heartbeats)."""
@@ -238,14 +154,32 @@ class ShardedEngine:
             max_tokens=max_tokens), out))
 
     def cancel(self, request_id: str) -> None:
+        """Queued: forgotten. Started (paused or not): dropped on every rank at the next step
+        (a STOP is a collective, so it goes out with the steps, not from here)."""
         for queued in list(self.queue):
             if queued[0].id == request_id:
                 self.queue.remove(queued)
-        if self.cur is not None and self.cur.req.id == request_id:
-            self.cur.cancelled = True
+        st = self.live.get(request_id)
+        if st is not None:
+            st.cancelled = True
+            self.paused.discard(request_id)
+
+    def pause(self, request_id: str) -> None:
+        """Flow control: no rank decodes this request until ``resume``; its slot (and KV cache)
+        waits as it is on every rank."""
+        st = self.live.get(request_id)
+        if st is not None and not st.cancelled and request_id not in self.paused:
+            self.paused.add(request_id)
+            log.info("%s paused after %d tokens", request_id, st.completion)
+
+    def resume(self, request_id: str) -> None:
+        st = self.live.get(request_id)
+        if st is not None and request_id in self.paused:
+            self.paused.discard(request_id)
+            log.info("%s resumed after %d tokens", request_id, st.completion)
 
     def has_work(self) -> bool:
-        return bool(self.queue) or self.cur is not None
+        return bool(self.queue) or any(rid not in self.paused for rid in self.live)
 
     # ---------------------------------------------------------------- lockstep decoding
 
@@ -262,48 +196,65 @@ class ShardedEngine:
             raise GroupLost(f"generation failed: {e}") from e
 
     def _step(self, emit: Emit) -> None:
-        assert self.chan is not None
-        if self.cur is None:
-            job, out = self.queue.popleft()
-            self.chan.send(JOB, encode(job))
-            assert self.grammars is not None
-            it = start_generation(self.model, self.tokenizer, job, self.grammars)
-            self.cur = _Current(job, it, len(job.prompt_ids or []), out)
-            log.info("%s started prompt=%d max_tokens=%d", job.id, self.cur.prompt_tokens,
-                     job.max_tokens)
-            emit(Started(id=job.id, prompt_tokens=self.cur.prompt_tokens))
-        cur = self.cur
-        if cur.cancelled:
-            self._drop(cur)
+        """Drop what was cancelled, start the next request if none decodes unpaused, then take
+        one token of the oldest unpaused one, on every rank."""
+        for st in [s for s in self.live.values() if s.cancelled]:
+            self._drop(st)
+        active = next((s for rid, s in self.live.items() if rid not in self.paused), None)
+        if active is None and not self.queue:
             return
-        self.chan.send(STEP)
-        r = next(cur.it)
-        eos = r.finish_reason == "stop"
-        logprob = None
-        if not eos and cur.req.logprobs:
-            logprob = token_logprob(self.tokenizer, r.logprobs, r.token, cur.req.top_logprobs)
-        finish = cur.out.take(r.text, emit, tokens=0 if eos else 1, logprob=logprob,
-                              finish=r.finish_reason, flush=r.finish_reason is not None)
-        if finish is not None and r.finish_reason is None:
-            self._drop(cur)  # a stop string: the other ranks are still mid-generation
-        if finish is not None:
-            cur.it.close()
-            self.cur = None
-            emit(Done(id=cur.req.id, finish_reason=str(finish), prompt_tokens=cur.prompt_tokens,
-                      completion_tokens=int(r.generation_tokens), stop_sequence=cur.out.stop_sequence))
-            if not self.queue:
-                mx.clear_cache()
-
-    def _drop(self, cur: _Current) -> None:
+        st = active if active is not None else self._start(emit)
         assert self.chan is not None
-        self.chan.send(STOP)
-        cur.it.close()
-        self.cur = None
+        self.chan.send(STEP, st.slot)
+        r = next(st.it)
+        eos = r.finish_reason == "stop"
+        st.completion = int(r.generation_tokens)
+        logprob = None
+        if not eos and st.req.logprobs:
+            logprob = token_logprob(self.tokenizer, r.logprobs, r.token, st.req.top_logprobs)
+        finish = st.out.take(r.text, emit, tokens=0 if eos else 1, logprob=logprob,
+                             finish=r.finish_reason, flush=r.finish_reason is not None)
+        if finish is None:
+            return
+        if r.finish_reason is None:
+            self._drop(st)  # a stop string: the other ranks are still mid-generation
+        else:
+            self._forget(st)  # every rank's generator ended with this token
+        emit(Done(id=st.req.id, finish_reason=str(finish), prompt_tokens=st.prompt_tokens,
+                  completion_tokens=st.completion, stop_sequence=st.out.stop_sequence))
+
+    def _start(self, emit: Emit) -> _Running:
+        """The next queued request, in a new slot on every rank."""
+        assert self.chan is not None and self.grammars is not None
+        job, out = self.queue.popleft()
+        self._slots = (self._slots + 1) % 2**31
+        self.chan.send(JOB, self._slots, encode(job))
+        it = start_generation(self.model, self.tokenizer, job, self.grammars)
+        st = self.live[job.id] = _Running(job, self._slots, it, len(job.prompt_ids or []), out)
+        log.info("%s started prompt=%d max_tokens=%d", job.id, st.prompt_tokens, job.max_tokens)
+        emit(Started(id=job.id, prompt_tokens=st.prompt_tokens))
+        return st
+
+    def _drop(self, st: _Running) -> None:
+        """Stop a request's generation on every rank (a cancel or a stop string)."""
+        assert self.chan is not None
+        self.chan.send(STOP, st.slot)
+        if st.cancelled:
+            log.info("%s dropped on every rank after %d tokens", st.req.id, st.completion)
+        self._forget(st)
+
+    def _forget(self, st: _Running) -> None:
+        st.it.close()
+        self.live.pop(st.req.id, None)
+        self.paused.discard(st.req.id)
+        if not self.queue and not self.live:
+            mx.clear_cache()
 
     def _fail_all(self, emit: Emit, why: str) -> None:
-        jobs = ([self.cur.req] if self.cur is not None and not self.cur.cancelled else []) \
+        jobs = [st.req for st in self.live.values() if not st.cancelled] \
             + [job for job, _ in self.queue]
-        self.cur = None
+        self.live.clear()
+        self.paused.clear()
         self.queue.clear()
         for job in jobs:
             emit(Error(id=job.id, message=f"the sharded group failed: {why}", status=500,
@@ -347,54 +298,3 @@ class ShardedEngine:
         self.model = self.tokenizer = None
         mx.clear_cache()
 
-
-# -------------------------------------------------------------------- ranks other than 0
-
-
-def follower_main(path: str, spec: ShardSpec) -> int:
-    """A rank other than 0: form, load, then do what rank 0 broadcasts until SHUTDOWN."""
-    rank = env_rank()
-    try:
-        group = form_group(spec)
-        model, tokenizer, config = load_shard(path, spec, group)
-        gather_ranks(group)
-    except BaseException as e:  # noqa: BLE001 - any failure ends this rank, and so the group
-        log.error("rank %d: load failed: %s: %s", rank, type(e).__name__, e)
-        return _exit(EXIT_LOAD_FAILED)
-    log.info("rank %d: loaded; following rank 0", rank)
-    chan = Channel(group)
-    grammars = Grammars.of_lm(tokenizer, vocab_size(config, tokenizer))
-    it: Any = None
-    try:
-        while True:
-            code, payload = chan.recv()
-            if code == SHUTDOWN:
-                log.info("rank %d: shutdown", rank)
-                return _exit(0)
-            if code == JOB:
-                job = decode_to_worker(payload)
-                if not isinstance(job, Generate):
-                    raise GroupLost(f"expected a Generate, got {type(job).__name__}")
-                it = start_generation(model, tokenizer, job, grammars)
-            elif code == STOP:
-                if it is not None:
-                    it.close()
-                it = None
-            elif code == STEP:
-                if it is None:
-                    raise GroupLost("STEP without a running generation")
-                if next(it).finish_reason is not None:
-                    it.close()
-                    it = None
-            else:
-                raise GroupLost(f"unknown command {code}")
-    except BaseException as e:  # noqa: BLE001 - the group is broken: this rank ends
-        log.error("rank %d: leaving the group: %s: %s", rank, type(e).__name__, e)
-        return _exit(1)
-
-
-def _exit(code: int) -> int:
-    """Leave without interpreter shutdown (the ring backend's threads are still running)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
