@@ -203,7 +203,11 @@ def test_cancel_while_paused_drops_its_slot_on_every_rank(scripted: dict[str, An
 def srv(demo_model_dir: Path) -> Iterator[ServerProcess]:
     models = {"tp": {"path": str(demo_model_dir), "hosts": LOOPBACK2, "backend": "ring",
                      "context_length": 200_000}}
-    server = ServerProcess(models, settings={"write_timeout": 20.0, "heartbeat_timeout": 20.0})
+    # stream_buffer 512: on a loaded box the gateway can fall hundreds of the tiny model's
+    # messages behind its worker, and the 4x cap counts those still in flight when Pause went
+    # out (a worker that ignores Pause is test_flow_control's case, not this one).
+    server = ServerProcess(models, settings={"write_timeout": 20.0, "heartbeat_timeout": 20.0,
+                                             "stream_buffer": 512})
     with server:
         yield server
     assert not server.orphans, f"left behind: {server.orphans}"
@@ -281,7 +285,7 @@ def test_a_non_reading_stream_pauses_in_the_group_and_another_is_served(
 
 
 def test_a_slow_reader_resumes_with_the_unpaused_greedy_text(srv: ServerProcess) -> None:
-    n = 2500
+    n = 3500
     reference = _chat(srv, n)["choices"][0]["message"]["content"]
     small = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
     body = {"model": "tp", "messages": CHAT, "max_tokens": n, "temperature": 0.0,
