@@ -20,6 +20,7 @@ log = logging.getLogger("mlx_supervisor.worker")
 
 _METAL = mx.metal.is_available()
 
+
 def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
            ) -> mx.array:
     """``logits`` (the step's forward pass, not yet run) masked for ``rows``, whose matchers
@@ -36,7 +37,7 @@ def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.
 
 
 def masked_with(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
-                 ) -> mx.array:
+                ) -> mx.array:
     """The matchers take ``last`` (its evaluation already scheduled) and mask on the helper
     thread while this one runs ``async_eval(logits)``; then the mask is applied."""
     helper = _helper()
@@ -55,7 +56,7 @@ class _Helper:
     sits in ``async_eval`` (one per process, one job at a time). Two C queues and no futures:
     right after handing its result back the thread blocks again. (A ThreadPoolExecutor's
     worker went on running Python for tens of µs after setting a result, holding the GIL the
-    MLX thread needed right then: bench/RESULTS.md, run 9.)"""
+    MLX thread needed right then: bench/RESULTS.md, run 10.)"""
 
     def __init__(self) -> None:
         self.jobs: SimpleQueue[tuple[list[tuple[int, GrammarProcessor]], mx.array, int, int]]
