@@ -33,6 +33,7 @@ gateway/supervisor/SUPERVISOR.md).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     _import_quietly(tuple(m for m in WARM_MODULES if not (pre_mlx and m.startswith("mlx"))))
 
     took = time.monotonic() - t0
+    # Everything imported so far outlives every fork: out of the collector's sight, a child's
+    # collections (and its intermediate's) never write to these objects' gc headers, which
+    # would copy their pages (Python's advice for fork without exec).
+    gc.freeze()
     threads, cuda = _threads(), _cuda_context()
     ctl = socket.socket(fileno=args.control_fd)
     ctl.send(encode(ZygoteHello(pid=os.getpid(), import_seconds=took, threads=threads,
