@@ -6,6 +6,7 @@ of the request alone, and valid); with ``parallel_tool_calls`` each call opened 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,26 @@ def test_parallel_calls_are_each_enforced(engine: LMEngine, start: int):
     out, _ = run_script(engine, {0: [auto("p", start, parallel_tool_calls=True,
                                           max_tokens=160)]})
     valid(out["p"], n=2)
+
+
+def test_a_call_opened_inside_thinking_is_not_enforced(thinking_model_dir: Path, start: int,
+                                                       caplog: pytest.LogCaptureFixture):
+    # The prompt opens <think>: a grammar applies after thinking only, so the start token the
+    # bias forces there (and again inside that call) arms nothing.
+    e = LMEngine()
+    e.load(str(thinking_model_dir))
+    try:
+        with caplog.at_level(logging.INFO, logger="mlx_supervisor.worker"):
+            out, _ = run_script(e, {0: [auto("t", start, max_tokens=12)]})
+    finally:
+        e.close()
+    assert isinstance(out["t"][-1], Done) and out["t"][-1].finish_reason == "length"
+    assert not any("opened a tool call" in r.getMessage() for r in caplog.records)
+    assert not calls(out["t"])
+
+
+def test_the_arming_is_logged(engine: LMEngine, start: int, caplog: pytest.LogCaptureFixture):
+    # The converse of the test above, so its "nothing logged" means something.
+    with caplog.at_level(logging.INFO, logger="mlx_supervisor.worker"):
+        run_script(engine, {0: [auto("l", start)]})
+    assert any("opened a tool call" in r.getMessage() for r in caplog.records)

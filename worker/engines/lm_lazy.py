@@ -12,7 +12,8 @@ stays with the request through every later move (batching, solo, pause), as any 
 After the call: with ``parallel_tool_calls`` the row is free again (unmasked; the processor
 only watches for the next start token, which opens a new call with a fresh matcher); without,
 only EOS follows, so the turn ends after one call, as ``parallel_tool_calls: false`` promises.
-A start token sampled inside thinking does not arm it (a grammar applies after thinking only).
+A start token sampled inside thinking does not arm it (a grammar applies after thinking only),
+nor one inside the unenforced call that thinking opened.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ class LazyCalls:
                      max_tokens: int) -> None: ...
 
     def _saw(self, st: _Running, token: int, before: str | None) -> None:
-        """After ``token`` was handed out: arm the request if it opened a call (the grammar
-        applies after thinking only, so not while ``before``, its text state, is reasoning)."""
-        if token == st.trigger and before != "reasoning":
+        """After ``token`` was handed out: arm the request if it opened a call from answer text
+        (``before``, its text state, is ``normal``): a grammar applies after thinking only, and
+        a start token inside a call opened there is that call's text."""
+        if token == st.trigger and before == "normal":
             st.trigger = None  # once armed, the processor itself follows later calls
             self.arming.append((st, token))
 
