@@ -9,7 +9,8 @@
   client loops per model (equal demand, never idle) for 60 s. Reported: each model's share of
   the answers, and the smallest share ÷ the equal share (1/3).
 
-Fake workers, so what is measured is the gateway. ``--quick`` runs 20 s each. The last stdout
+Fake workers, so what is measured is the gateway. ``--quick`` runs 20 s each; ``--only slow8``
+(or ``slow64``, ``fairness``) runs only those figures. The last stdout
 line is the result as JSON; it is also written to ``--out``.
 """
 
@@ -134,15 +135,21 @@ def fairness(seconds: float, turn: float) -> dict[str, Any]:
             "refused": dict(refused)}
 
 
+FIGURES = {"slow64": "slow_readers", "slow8": "slow_readers_default_concurrency",
+           "fairness": "fairness"}
+RUN = {"slow64": lambda s, q: slow_readers(s, 64), "slow8": lambda s, q: slow_readers(s, 8),
+       "fairness": lambda s, q: fairness(s, 2.0 if q else 10.0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.chaos")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="bench/out/chaos.json")
+    ap.add_argument("--only", nargs="+", choices=list(FIGURES), default=list(FIGURES),
+                    help="run only these figures")
     args = ap.parse_args()
     seconds = 20.0 if args.quick else 60.0
-    result = {"slow_readers": slow_readers(seconds, 64),
-              "slow_readers_default_concurrency": slow_readers(seconds, 8),
-              "fairness": fairness(seconds, 2.0 if args.quick else 10.0)}
+    result = {FIGURES[f]: RUN[f](seconds, args.quick) for f in args.only}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

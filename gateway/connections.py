@@ -9,9 +9,11 @@ Each connection here moves through phases, each with its own clock:
 - ``head`` (from accept, or the first byte after a response): ``header_timeout``, and at most
   ``max_header_bytes`` of request line and headers (431 past it);
 - ``body`` (head parsed, body not finished): ``body_timeout`` (408);
-- ``app`` (the route runs): no read clock; but while the client's socket is full (the
-  transport paused writing), ``write_timeout`` runs, and past it the connection is aborted and
-  the request marked ``write_timeout`` (a streaming route then cancels its generation);
+- ``app`` (the route runs): no read clock; but while the client takes no more bytes (the
+  kernel refused a write, so the transport paused writing), ``write_timeout`` runs, and past it
+  the connection is aborted and the request marked ``write_timeout`` (a streaming route then
+  cancels its generation). The same pause tells the running request its client is behind, so
+  it may lend its concurrency slot to a waiting one (``supervisor/flow.py``);
 - ``idle`` (between requests): uvicorn's ``timeout_keep_alive``.
 
 At most ``max_connections`` are open: a new one past the cap closes the oldest connection that
@@ -25,6 +27,7 @@ import contextlib
 import logging
 import resource
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +36,19 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("mlx_supervisor.connections")
 FD_RESERVE = 48  # descriptors kept for everything but client connections (logs, ledger, zmq)
 FD_PER_MODEL = 4  # a worker's ipc connections and its stderr pipe, in the gateway
-# The kernel's send buffer per client socket, and the event loop's buffer above it. Left to
-# autotune, Linux grows the first to 4 MiB for a client that does not read, so a stream at a
-# model's token rate (tens of kB/s) would take minutes to fill it and start the write clock.
-# 64 KiB (the kernel doubles it) still streams at 100+ MB/s on a LAN, far above any token rate.
+# How much a client that stopped reading may have queued unsent before we see it. With
+# TCP_NOTSENT_LOWAT the kernel takes no more once this many bytes wait unsent, while the bytes in
+# flight (the congestion window) still autotune, so a long, fast link streams at full speed.
+# The event loop's own buffer above it is 0: the first write the kernel refuses pauses writing
+# (``pause_writing``), which starts the write clock and tells the route its client is behind.
+# So a stalled client is seen after about this plus its receive window (about 20 KB: one second
+# of a 100 tokens/s stream), not after 160 KB of fixed send buffer. Where the option is missing,
+# the send buffer is fixed instead (64 KiB; the kernel doubles it).
+NOTSENT_LOWAT = 16 * 1024
+TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT",
+                                        {"linux": 25, "darwin": 0x201}.get(sys.platform))
 SEND_BUFFER = 64 * 1024
-WRITE_BUFFER = 32 * 1024
+WRITE_BUFFER = 0
 
 
 @dataclass
@@ -82,6 +92,21 @@ def connection_cap(wanted: int, fd_soft: int, models: int) -> int:
     return min(wanted, max(8, room))
 
 
+def limit_unsent(sock: Any) -> str | None:
+    """Bound what a client socket holds unsent (``NOTSENT_LOWAT``, else a fixed send buffer);
+    returns which was set (None: neither, e.g. a Unix socket)."""
+    if sock is None:
+        return None
+    if TCP_NOTSENT_LOWAT is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            return "notsent_lowat"
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        return "sndbuf"
+    return None
+
+
 def protocol_class(limits: Limits) -> type[HttpToolsProtocol]:
     """The httptools protocol with these limits (uvicorn instantiates one per connection)."""
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
@@ -110,12 +135,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        limit_unsent(transport.get_extra_info("socket"))
         with contextlib.suppress(AttributeError, NotImplementedError):
-            transport.set_write_buffer_limits(high=WRITE_BUFFER)
+            transport.set_write_buffer_limits(high=WRITE_BUFFER, low=0)
         lim = self.limits
         if len(lim.conns) >= lim.max_connections and not self._evict_one():
             lim.refused += 1
@@ -217,10 +239,24 @@ class GuardedProtocol(HttpToolsProtocol):
         super().pause_writing()
         if self._write_timer is None and self.limits.write_timeout > 0:
             self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_stalled)
+        self._behind(True)
 
     def resume_writing(self) -> None:
         self._cancel_write_timer()
         super().resume_writing()
+        self._behind(False)
+
+    def _behind(self, behind: bool) -> None:
+        """Tell the running request (``Run`` put its callback in the request's state) that its
+        client stopped taking bytes, or took them all: the supervisor may park it (flow.py)."""
+        if self.scope is None or self.cycle is None or self.cycle.response_complete:
+            return
+        state = self.scope.get("state")
+        if isinstance(state, dict):
+            state["behind"] = behind
+            tell = state.get("on_behind")
+            if callable(tell):
+                tell(behind)
 
     def _cancel_write_timer(self) -> None:
         if self._write_timer is not None:

@@ -55,6 +55,7 @@ class FakeEffects:
         self.sent: list[tuple[str, p.ToWorker]] = []
         self.emitted: list[ev.SupervisorEvent] = []
         self.posted: list[Any] = []
+        self.held: list[tuple[str, bool]] = []
 
     def spawn(self, worker: Worker, entry: Entry | None) -> None:
         self.calls.append(("spawn", worker.worker_id))
@@ -81,6 +82,9 @@ class FakeEffects:
 
     def fail_request(self, request_id: str, message: str, code: str, status: int) -> bool:
         return False
+
+    def hold(self, request_id: str, held: bool) -> None:
+        self.held.append((request_id, held))
 
     def streams_of(self, worker_id: str) -> list[str]:
         return []

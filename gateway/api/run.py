@@ -104,6 +104,10 @@ class Run:
         self.stream: RequestStream = sup.transport.open_stream(msg.id, lease.worker_id)
         self.stream.on_flow = lambda paused: sup.park(lease, paused)
         self.stream.cut = lambda: bool(outcome.conn and outcome.conn.get("cut"))
+        if outcome.conn is not None:  # the connection says when its client stops taking bytes
+            outcome.conn["on_behind"] = lambda behind: sup.behind(lease, behind)
+            if outcome.conn.get("behind"):
+                sup.behind(lease, True)
         self._first: p.FromWorker | None = None
         self._closed = False
         self._checkpoint = time.monotonic() + CHECKPOINT_SECONDS
@@ -189,6 +193,8 @@ class Run:
             if cut:
                 o.error_type = "write_timeout"
         self.sup.transport.close_stream(self.msg.id)
+        if o.conn is not None:
+            o.conn.pop("on_behind", None)
         self.lease.release()
         if error is not None:
             self._record_error(error)

@@ -48,6 +48,10 @@ class Effects(Protocol):
         """End every open request stream of a worker with an error; returns how many."""
 
     def fail_request(self, request_id: str, message: str, code: str, status: int) -> bool: ...
+
+    def hold(self, request_id: str, held: bool) -> None:
+        """Pause a request in its worker because it is parked (True), or let it go (False)."""
+
     def streams_of(self, worker_id: str) -> list[str]: ...
 
     def emit(self, ev: SupervisorEvent) -> None:
@@ -114,6 +118,9 @@ class ProcessEffects:
 
     def fail_request(self, request_id: str, message: str, code: str, status: int) -> bool:
         return self.transport.fail_request(request_id, message, code=code, status=status)
+
+    def hold(self, request_id: str, held: bool) -> None:
+        self.transport.hold(request_id, held)
 
     def streams_of(self, worker_id: str) -> list[str]:
         return self.transport.streams_of(worker_id)

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mlx_supervisor.gateway.supervisor import admin, lifecycle, requests, timers
+from mlx_supervisor.gateway.supervisor import admin, flow, lifecycle, requests, timers
 from mlx_supervisor.gateway.supervisor import model as m
 from mlx_supervisor.gateway.supervisor.core import Core
 
@@ -19,7 +19,8 @@ HANDLERS: dict[type, Handler] = {
     m.Acquire: requests.on_acquire,
     m.Abandon: requests.on_abandon,
     m.Release: requests.on_release,
-    m.Park: requests.on_park,
+    m.Park: flow.on_park,
+    m.Behind: flow.on_behind,
     m.Spawned: lifecycle.on_spawned,
     m.Control: lifecycle.on_control,
     m.Exited: lifecycle.on_exited,

@@ -24,6 +24,7 @@ from mlx_supervisor.gateway.supervisor.handlers import dispatch
 from mlx_supervisor.gateway.supervisor.model import (
     Abandon,
     Acquire,
+    Behind,
     CancelCmd,
     Control,
     Event,
@@ -151,8 +152,12 @@ class Supervisor:
         await self._ask(lambda f: UnloadCmd(model_id, f))
 
     def park(self, lease: Lease, parked: bool) -> None:
-        """The request's client stopped reading (True) or reads again (False): see on_park."""
+        """The request's stream fell behind (True) or caught up (False): see flow.py."""
         self.events.put_nowait(Park(lease, parked))
+
+    def behind(self, lease: Lease, behind: bool) -> None:
+        """The request's client stopped taking bytes (True) or took them (False): see flow.py."""
+        self.events.put_nowait(Behind(lease, behind))
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         return bool(await self._ask(lambda f: CancelCmd(request_id, reason, f)))

@@ -41,7 +41,8 @@ class Worker:
     last_heartbeat: float = field(default_factory=time.monotonic)
     memory: p.Memory | None = None
     inflight: int = 0
-    parked: int = 0  # of those, requests whose client stopped reading (paused): no slot held
+    parked: int = 0  # of those, requests parked (paused, their client behind): no slot held
+    behind: set[Lease] = field(default_factory=set)  # leases whose client's writes are paused
     worker_inflight: int = 0  # what the worker itself last reported running
     context_length: int = 0
     load_seconds: float = 0.0
@@ -134,7 +135,9 @@ class Lease:
     context_length: int
     _release: Any = None
     released: bool = False
-    parked: bool = False  # its client stopped reading: its concurrency slot is lent out
+    parked: bool = False  # paused in its worker, its concurrency slot lent out (flow.py)
+    backlog: bool = False  # its stream fell stream_buffer messages behind (and paused it)
+    behind: bool = False  # its client's connection refused more bytes (writes paused)
 
     def release(self) -> None:
         if not self.released:
@@ -164,10 +167,18 @@ class Release:
 
 @dataclass
 class Park:
-    """A request's client stopped reading (its stream paused it), or started again."""
+    """A request's stream fell ``stream_buffer`` messages behind (and paused it), or caught up."""
 
     lease: Lease
     parked: bool
+
+
+@dataclass
+class Behind:
+    """A request's client connection stopped taking bytes (the kernel refused more), or drained."""
+
+    lease: Lease
+    behind: bool
 
 
 @dataclass
@@ -230,6 +241,6 @@ class ReloadCmd:
 
 
 Event = (
-    Acquire | Abandon | Release | Park | Spawned | Control | Exited | Tick | LoadCmd | UnloadCmd
+    Acquire | Abandon | Release | Park | Behind | Spawned | Control | Exited | Tick | LoadCmd | UnloadCmd
     | ShutdownCmd | CancelCmd | ReloadCmd
 )

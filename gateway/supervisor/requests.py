@@ -1,5 +1,5 @@
 """Handlers for a request's lease: ``Acquire`` (grant, queue, refuse or admit), ``Abandon``
-(the client left) and ``Release``. The in-flight count grows only on a grant and shrinks only
+(the client left) and ``Release`` (parking a slow reader is ``flow.py``'s). The in-flight count grows only on a grant and shrinks only
 on a release."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 from mlx_supervisor.gateway.errors import APIError
-from mlx_supervisor.gateway.supervisor import admin, admission
+from mlx_supervisor.gateway.supervisor import admin, admission, flow
 from mlx_supervisor.gateway.supervisor import core as c
 from mlx_supervisor.gateway.supervisor import events as ev
-from mlx_supervisor.gateway.supervisor.model import Abandon, Acquire, Park, Release
+from mlx_supervisor.gateway.supervisor.model import Abandon, Acquire, Release
 from mlx_supervisor.gateway.supervisor.states import State
 
 
@@ -38,6 +38,8 @@ def on_acquire(core: c.Core, e: Acquire) -> None:
     core.fx.emit(ev.Queued(model=slot.entry.id, request_id=w.request_id))
     if worker is None or worker.state is State.DRAINING:
         admission.admit(core, slot)
+    elif worker.state is State.READY:
+        flow.yield_to_waiters(core, slot)  # a client that is behind lends its slot now
 
 
 def on_abandon(core: c.Core, e: Abandon) -> None:
@@ -51,28 +53,12 @@ def on_abandon(core: c.Core, e: Abandon) -> None:
         fut.cancel()
 
 
-def on_park(core: c.Core, e: Park) -> None:
-    """A request whose client stopped reading is paused in its worker and lends its concurrency
-    slot to the next waiter, so slow readers never hold the model from reading clients; it
-    takes a slot again (over the limit, if need be) once its client reads on."""
-    lease, worker = e.lease, core.workers.get(e.lease.worker_id)
-    if worker is None or lease.released or lease.parked == e.parked:
-        return
-    lease.parked = e.parked
-    worker.parked += 1 if e.parked else -1
-    slot = core.slots.get(worker.model_id)
-    if e.parked and slot is not None and worker.state is State.READY:
-        c.pump(core, slot)
-
-
 def on_release(core: c.Core, e: Release) -> None:
     worker = core.workers.get(e.lease.worker_id)
     if worker is None:
         return
     worker.inflight = max(0, worker.inflight - 1)  # shutdown may have zeroed it
-    if e.lease.parked:
-        e.lease.parked = False
-        worker.parked = max(0, worker.parked - 1)
+    flow.forget(core, e.lease)
     worker.last_used_mono = core.now()
     slot = core.slots.get(worker.model_id)
     if slot is not None:

@@ -6,12 +6,15 @@ routing id we did not spawn, and frames that do not decode, are logged and dropp
 of another protocol version reaches the supervisor as that worker's ``LoadFailed`` (naming both
 versions), and nothing more from it is read.
 
-Flow control: a stream whose reader falls ``high`` messages behind (the HTTP client stopped
-reading, so the route stopped pulling) asks its worker to ``Pause`` that one request, and to
-``Resume`` it once the backlog is down to a quarter of that. Messages already on their way when
-the pause lands still queue, up to ``4 * high``; past that the request is cancelled and the stream
-ends with an error, so one stream's memory is bounded whatever the worker does. The socket has
-high-water marks as the last backstop.
+Flow control: a request is paused in its worker while either of two holds. Its stream fell
+``high`` messages behind (the HTTP client stopped reading, so the route stopped pulling): the
+stream pauses it itself, at once, and lets it go once the backlog is down to a quarter of that.
+Or the supervisor parked it (``hold``): its client is behind while other requests wait for its
+slot (``supervisor/flow.py``). ``Pause`` goes to the worker when the first starts, ``Resume``
+when the last ends. Messages already on their way when the pause lands still queue, up to
+``4 * high``; past that the request is cancelled and the stream ends with an error, so one
+stream's memory is bounded whatever the worker does. The socket has high-water marks as the
+last backstop.
 """
 
 from __future__ import annotations
@@ -46,13 +49,32 @@ class RequestStream:
         self.worker_id = worker_id
         self.queue: asyncio.Queue[p.FromWorker] = asyncio.Queue()
         self.finished = False
-        self.paused = False
+        self.backlog = False  # it fell ``high`` behind: paused by the stream itself
+        self.held = False  # parked by the supervisor (its client is behind while others wait)
         self.overflowed = False
         self.pauses = 0
         self._send = send
         self.high = max(1, high)
-        self.on_flow: Callable[[bool], None] | None = None  # told True on Pause, False on Resume
+        self.on_flow: Callable[[bool], None] | None = None  # told of backlog: True, then False
         self.cut: Callable[[], bool] = lambda: False  # the client was cut off: never Resume
+
+    @property
+    def paused(self) -> bool:
+        return self.backlog or self.held
+
+    def hold(self, held: bool) -> None:
+        """The supervisor parks the request (True) or lets it run again (False)."""
+        was, self.held = self.paused, held
+        self._flow(was)
+
+    def _flow(self, was: bool) -> None:
+        if self._send is None or was == self.paused:
+            return
+        if self.paused:
+            self.pauses += 1
+            self._send(self.worker_id, p.Pause(id=self.request_id))
+        elif not self.cut():  # a cut request drains to its Cancel, still paused
+            self._send(self.worker_id, p.Resume(id=self.request_id))
 
     def put(self, msg: p.FromWorker) -> None:
         """From the receive loop: queue, pausing the request when the reader falls behind."""
@@ -65,10 +87,9 @@ class RequestStream:
                 self._send(self.worker_id, p.Cancel(id=self.request_id))
             msg = p.Error(id=self.request_id, status=503, code="slow_consumer",
                           message=f"the client fell {n} messages behind and the request was cancelled")
-        elif n + 1 >= self.high and not self.paused and self._send is not None:
-            self.paused = True
-            self.pauses += 1
-            self._send(self.worker_id, p.Pause(id=self.request_id))
+        elif n + 1 >= self.high and not self.backlog and self._send is not None:
+            was, self.backlog = self.paused, True
+            self._flow(was)
             if self.on_flow is not None:
                 self.on_flow(True)
         self.queue.put_nowait(msg)
@@ -78,10 +99,9 @@ class RequestStream:
             msg = await self.queue.get()
             if isinstance(msg, _TERMINAL):
                 self.finished = True
-            elif self.paused and self.queue.qsize() <= self.high // 4 and self._send is not None \
-                    and not self.cut():  # a cut request drains to its Cancel, still paused
-                self.paused = False
-                self._send(self.worker_id, p.Resume(id=self.request_id))
+            elif self.backlog and self.queue.qsize() <= self.high // 4:
+                was, self.backlog = self.paused, False
+                self._flow(was)
                 if self.on_flow is not None:
                     self.on_flow(False)
             yield msg
@@ -125,6 +145,12 @@ class Transport:
         s = RequestStream(request_id, worker_id, self.send, self.stream_buffer)
         self._streams[request_id] = s
         return s
+
+    def hold(self, request_id: str, held: bool) -> None:
+        """Pause (True) or let go (False) one request on the supervisor's word (a park)."""
+        s = self._streams.get(request_id)
+        if s is not None and not s.finished:
+            s.hold(held)
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

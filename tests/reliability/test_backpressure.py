@@ -120,3 +120,35 @@ def test_the_anthropic_and_responses_streams_are_cut_the_same_way() -> None:
             assert j["error"]["type"] == "write_timeout", j
         wait_for(lambda: hot(srv)["fast"]["inflight"] == 0, 10)
     assert srv.orphans == []
+
+
+def test_with_more_non_readers_than_slots_a_reader_is_served_long_before_any_cut() -> None:
+    """``max_concurrency`` 2, four non-readers (chat, Anthropic, Responses, chat), and a reading
+    client queued behind them while the first two hold both slots. At 20 tokens/s a fixed
+    160 KB socket buffer took about 40 s to fill, past ``queue_timeout``, so the reader got 503.
+    Each non-reader now yields its slot as soon as its kernel refuses a write while others wait
+    (TCP_NOTSENT_LOWAT: about 20 KB, a few seconds), so the reader is answered long before
+    ``queue_timeout`` (30 s) and before any non-reader is cut (``write_timeout`` 60 s)."""
+    slow = {**fake(FAKE_TOKEN_DELAY=0.05, FAKE_CONTEXT_LENGTH=10**6), "max_concurrency": 2,
+            "max_queue": 16}
+    paths = [*BODIES, "/v1/chat/completions"]
+    settings = {"write_timeout": 60.0, "queue_timeout": 30.0}
+    with ServerProcess({"fast": slow}, settings) as srv:
+        httpx.post(srv.url + "/admin/models/fast/load", timeout=30).raise_for_status()
+        socks = [_non_reader(srv, f"nr{i}", path) for i, path in enumerate(paths)]
+        try:
+            wait_for(lambda: (h := hot(srv)["fast"])["inflight"] == 2 and h["queued"] == 2, 20,
+                     what="two non-readers running, two queued")
+            good = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("fast", max_tokens=20),
+                              timeout=60)
+            assert good.status_code == 200, good.text
+            assert good.json()["choices"][0]["finish_reason"] == "length"
+            jobs = [_job(srv, f"nr{i}") for i in range(len(paths))]
+            assert all(j["status"] == "processing" for j in jobs), jobs  # none cut: it did not wait for that
+            assert hot(srv)["fast"]["parked"] >= 3  # each one ahead of it yielded its slot
+        finally:
+            for s in socks:
+                s.close()
+        wait_for(lambda: hot(srv)["fast"]["inflight"] == 0, 20)
+        assert "Traceback" not in srv.log()
+    assert srv.orphans == []
