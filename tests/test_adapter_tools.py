@@ -32,7 +32,8 @@ T0 = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def srv(tools_model_dir: Path, thinking_model_dir: Path) -> Iterator[ServerProcess]:
-    models = {"tools": {"path": str(tools_model_dir)}, "r1": {"path": str(thinking_model_dir)}}
+    models = {"tools": {"path": str(tools_model_dir)}, "r1": {"path": str(thinking_model_dir)},
+              "forced": {"path": str(tools_model_dir), "tool_choice": "required"}}
     with ServerProcess(models) as s:
         yield s
     assert s.orphans == []
@@ -158,3 +159,28 @@ def test_anthropic_count_tokens_counts_the_tools(ant: anthropic.Anthropic) -> No
     with_tools = ant.messages.count_tokens(model="tools", messages=[{"role": "user", "content": ASK}],
                                            tools=A_TOOLS)
     assert with_tools.input_tokens > bare.input_tokens + 20  # the schemas are in the prompt
+
+
+# ---------------------------------------------------------------- a model's tool_choice default
+
+
+def test_the_configured_tool_choice_reaches_both_adapters(ant: anthropic.Anthropic,
+                                                          oai: openai.OpenAI) -> None:
+    # "forced" is configured with tool_choice = "required": requests with tools and no
+    # tool_choice get a call; an explicit choice ("none" in Anthropic, "none" in Responses) wins.
+    m = ant.messages.create(model="forced", max_tokens=120, extra_body=T0, tools=A_TOOLS[:1],
+                            messages=[{"role": "user", "content": ASK}])
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert m.stop_reason in ("tool_use", "max_tokens") and uses
+    jsonschema.validate(uses[0].input, WEATHER)  # type: ignore[union-attr]
+    m = ant.messages.create(model="forced", max_tokens=6, extra_body=T0, tools=A_TOOLS[:1],
+                            tool_choice={"type": "none"}, messages=[{"role": "user", "content": ASK}])
+    assert not [b for b in m.content if b.type == "tool_use"]
+    r = oai.responses.create(model="forced", input=ASK, tools=R_TOOLS, max_output_tokens=120,
+                             parallel_tool_calls=False, temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)  # type: ignore[union-attr]
+    r = oai.responses.create(model="forced", input=ASK, tools=R_TOOLS, max_output_tokens=6,
+                             tool_choice="none", temperature=0)
+    assert not [o for o in r.output if o.type == "function_call"]
