@@ -21,6 +21,16 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_model.build(tmp_path_factory.mktemp("recycle") / "other", seed=1)
 
 
+@pytest.fixture(scope="module")
+def bigger_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another shape: 4x the width, 3 layers, a padded vocabulary (4x the tiny llama's bytes)."""
+    from mlx_supervisor.worker.demo import lm as demo_model
+
+    return demo_model.build(tmp_path_factory.mktemp("recycle") / "bigger", seed=2,
+                            hidden_size=256, num_layers=3, intermediate_size=512,
+                            vocab_size=2048)
+
+
 def _ps(srv: ServerProcess) -> dict[str, Any]:
     data: dict[str, Any] = httpx.get(srv.url + "/admin/ps", timeout=10).json()
     return data
@@ -93,3 +103,22 @@ def test_a_worker_killed_while_unloading_is_survived(demo_model_dir: Path,
         assert "did not unload within" in srv.log() or "missed heartbeats" in srv.log()
         _complete(srv, "a")
     assert not srv.orphans
+
+
+def test_a_recycled_worker_serves_a_model_of_another_size(demo_model_dir: Path,
+                                                           bigger_model: Path) -> None:
+    """Recycling across shapes: the process that held the tiny llama loads one 4x its size
+    (other width, depth and vocabulary) and back, each answering as a fresh process does."""
+    with ServerProcess({"big": {"path": str(bigger_model)}}) as srv:
+        fresh_big = _complete(srv, "big")
+    models = {"a": {"path": str(demo_model_dir), "memory": "500MB"},
+              "big": {"path": str(bigger_model), "memory": "500MB"}}
+    with ServerProcess(models, {"memory_budget": "800MB", "recycle_workers": 4}) as srv:
+        fresh_a = _complete(srv, "a")
+        pid = _pid(srv, "a")
+        assert fresh_big != fresh_a
+        assert _complete(srv, "big") == fresh_big and _pid(srv, "big") == pid
+        assert _complete(srv, "a") == fresh_a and _pid(srv, "a") == pid
+        ps = _ps(srv)
+        assert ps["used_bytes"] <= ps["budget_bytes"]
+    assert not srv.orphans and not alive(pid)
