@@ -165,3 +165,29 @@ def test_a_stream_cut_at_write_timeout_is_never_resumed_before_its_cancel() -> N
         assert sent == [p.Pause(id="r")]
 
     asyncio.run(run())
+
+
+def test_a_parked_stream_stays_paused_until_both_its_backlog_and_its_park_are_over() -> None:
+    """The worker hears one Pause when the first cause starts (backlog or the supervisor's park)
+    and one Resume when the last ends; a stream whose client was cut never hears Resume."""
+    async def run() -> None:
+        sent: list[p.Base] = []
+        s = RequestStream("r", "w", lambda _w, m: sent.append(m) or True, high=4)
+        s.hold(True)  # parked: its client is behind while others wait
+        assert sent == [p.Pause(id="r")]
+        for i in range(4):
+            s.put(p.Chunk(id="r", text=f"t{i}"))  # the backlog starts too: no second Pause
+        assert sent == [p.Pause(id="r")] and s.backlog
+        it = s.__aiter__()
+        for _ in range(4):
+            await it.__anext__()
+        assert not s.backlog and sent == [p.Pause(id="r")]  # still parked: no Resume
+        s.hold(False)
+        assert sent == [p.Pause(id="r"), p.Resume(id="r")]
+        cut = RequestStream("c", "w", lambda _w, m: sent.append(m) or True, high=4)
+        cut.cut = lambda: True
+        cut.hold(True)
+        cut.hold(False)
+        assert sent[-1] == p.Pause(id="c")
+
+    asyncio.run(run())
