@@ -106,7 +106,7 @@ class LazyCalls:
     def _arm(self) -> None:
         """Re-enter each request that opened a call this step, its call's grammar added."""
         for st, token in self.arming:
-            if st not in self.running.values():  # ended or cancelled in this step
+            if not any(r is st for r in self.running.values()):  # ended or cancelled now
                 continue
             assert self.grammars is not None
             proc = LazyCall.build(self.grammars, st.req, token)
