@@ -34,8 +34,15 @@ class StreamResult:
         return self.t_first - self.t_sent
 
     def decode_tps(self) -> float:
+        """Tokens/s between the first and the last event. A short answer that arrived in one read
+        (a loaded client) has no such span; its rate is then over the whole request."""
+        if self.completion_tokens < 2:
+            return 0.0
         span = self.t_end - self.t_first
-        return (self.completion_tokens - 1) / span if span > 0 and self.completion_tokens > 1 else 0.0
+        if span > 0:
+            return (self.completion_tokens - 1) / span
+        whole = self.t_end - self.t_sent
+        return self.completion_tokens / whole if whole > 0 else 0.0
 
 
 def _usage_tokens(body: bytes) -> int:
