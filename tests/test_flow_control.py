@@ -1,6 +1,6 @@
 """Flow control between a stream and its worker: ``Pause`` stops one request's output (the fake
-and the real LM engine take the sequence out of their decode steps; an engine without pause has
-its output held, merged), and ``Resume`` brings it back with nothing lost. The gateway's stream
+and the real LM engine take the sequence out of their decode steps; an engine whose
+``Engine.pause`` answers False, embeddings, has its output held, merged), and ``Resume`` brings it back with nothing lost. The gateway's stream
 buffer sends them; a real tiny LM behind a real gateway stops decoding for a non-reader."""
 
 from __future__ import annotations

@@ -268,19 +268,19 @@ class MLXThread(threading.Thread):
             log.warning("ignoring Load for %s: a model is already loaded", msg.model_id)
 
     def _flow(self, engine: Engine, msg: Pause | Resume) -> None:
-        """The gateway's reader of a request fell behind (Pause) or caught up (Resume). An
-        engine with ``pause``/``resume`` takes the sequence out of its steps; for any other the
-        output is held here, merged into as few chunks as possible, and sent on Resume."""
+        """The gateway's reader of a request fell behind (Pause) or caught up (Resume). The
+        engine takes the sequence out of its steps (``Engine.pause``), or, where it answers
+        False, the output is held here, merged into as few chunks as possible, and sent on
+        Resume."""
         if msg.id not in self.inflight:
             return
-        native = getattr(engine, "pause" if isinstance(msg, Pause) else "resume", None)
-        if callable(native):
-            native(msg.id)
-        elif isinstance(msg, Pause):
-            self.held.setdefault(msg.id, [])
-        else:
-            for m in self.held.pop(msg.id, []):
-                self.emit(m)
+        if isinstance(msg, Pause):
+            if not engine.pause(msg.id):
+                self.held.setdefault(msg.id, [])
+            return
+        engine.resume(msg.id)
+        for m in self.held.pop(msg.id, []):
+            self.emit(m)
 
     def _cancel_quietly(self, engine: Engine, rid: str) -> None:
         try:

@@ -70,6 +70,18 @@ class Engine(Protocol):
         emitted for it."""
         ...
 
+    def pause(self, request_id: str) -> bool:
+        """Flow control: the gateway's reader of this stream fell behind. An engine that can
+        takes the sequence out of its steps (its state kept) and returns True; False asks the
+        worker to hold the request's output instead, merged, until ``resume`` (the default for
+        an engine whose requests are answered in one message). An unknown id is a no-op."""
+        ...
+
+    def resume(self, request_id: str) -> None:
+        """The reader caught up: the sequence goes on with exactly the tokens it would have
+        produced unpaused. An unknown or not paused id is a no-op."""
+        ...
+
     def has_work(self) -> bool: ...
 
     def step(self, emit: Emit) -> None:

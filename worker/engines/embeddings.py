@@ -158,6 +158,14 @@ class EmbeddingsEngine:
     def cancel(self, request_id: str) -> None:
         self._jobs = deque(j for j in self._jobs if j.req.id != request_id)
 
+    def pause(self, request_id: str) -> bool:
+        """An embeddings request is answered in one message: nothing to take out of a step,
+        so the worker holds that message until ``resume`` (the Engine default)."""
+        return False
+
+    def resume(self, request_id: str) -> None:
+        pass
+
     def has_work(self) -> bool:
         return bool(self._jobs)
 

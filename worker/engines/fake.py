@@ -154,11 +154,12 @@ class FakeEngine:
         self.active.pop(request_id, None)
         self.paused.pop(request_id, None)
 
-    def pause(self, request_id: str) -> None:
+    def pause(self, request_id: str) -> bool:
         """Flow control: the sequence sits out of the steps until ``resume``."""
         r = self.active.pop(request_id, None)
         if r is not None:
             self.paused[request_id] = r
+        return True
 
     def resume(self, request_id: str) -> None:
         r = self.paused.pop(request_id, None)

@@ -54,18 +54,18 @@ class FlowControl:
         def _go_solo(self, st: _Running, rest: list[int], cache: Any, cached: list[int],
                      max_tokens: int) -> None: ...
 
-    def pause(self, request_id: str) -> None:
+    def pause(self, request_id: str) -> bool:
         """Take the sequence out of the steps, its KV cache kept, until ``resume``."""
         uid = self.by_id.get(request_id)
         if uid is None:
-            return
+            return True
         st = self.running[uid]
         if self.solo is not None and self.solo.uid == uid:
             solo, self.solo = self.solo, None
             rest, cache, cached, _ = solo.handover()
         elif st.here == 0:
             self.pausing.add(request_id)
-            return
+            return True
         else:
             cache, tokens = self.gen.remove([uid], return_prompt_caches=True)[uid]
             rest, cache, cached = undo_lookahead(cache, list(tokens), st.sampler, st.processors)
@@ -75,6 +75,7 @@ class FlowControl:
         log.info("%s paused after %d tokens", request_id, st.completion)
         self._leave_batch()
         self._maybe_idle()
+        return True
 
     def resume(self, request_id: str) -> None:
         """The reader caught up: the sequence goes on where it stopped, alone or in the batch."""

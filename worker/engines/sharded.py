@@ -164,13 +164,14 @@ class ShardedEngine:
             st.cancelled = True
             self.paused.discard(request_id)
 
-    def pause(self, request_id: str) -> None:
+    def pause(self, request_id: str) -> bool:
         """Flow control: no rank decodes this request until ``resume``; its slot (and KV cache)
         waits as it is on every rank."""
         st = self.live.get(request_id)
         if st is not None and not st.cancelled and request_id not in self.paused:
             self.paused.add(request_id)
             log.info("%s paused after %d tokens", request_id, st.completion)
+        return True
 
     def resume(self, request_id: str) -> None:
         st = self.live.get(request_id)

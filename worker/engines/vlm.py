@@ -197,12 +197,13 @@ class VLMEngine:
             self._finish_generator(request_id)
         self.queue = deque(q for q in self.queue if q.req.id != request_id)
 
-    def pause(self, request_id: str) -> None:
+    def pause(self, request_id: str) -> bool:
         """Flow control: stop taking tokens for this request (its generator waits as it is)."""
         st = self.live.get(request_id)
         if st is not None and request_id not in self.paused:
             self.paused.add(request_id)
             log.info("%s paused after %d tokens", request_id, st.completion)
+        return True
 
     def resume(self, request_id: str) -> None:
         st = self.live.get(request_id)
