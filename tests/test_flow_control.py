@@ -6,7 +6,6 @@ buffer sends them; a real tiny LM behind a real gateway stops decoding for a non
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 import time
@@ -16,7 +15,7 @@ import httpx
 import psutil
 
 from mlx_supervisor.gateway.supervisor.transport import RequestStream
-from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import ServerProcess, non_reader, wait_for
 from mlx_supervisor.shared import protocol as p
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate, Heartbeat, Pause, Ready, Resume
 
@@ -102,17 +101,8 @@ def test_the_stream_buffer_pauses_resumes_and_caps_a_reader_that_fell_behind() -
 
 
 def _non_reader(srv: ServerProcess, rid: str, max_tokens: int) -> socket.socket:
-    """A streaming chat request from a client that never reads a byte."""
-    body = json.dumps({"model": "demo", "messages": CHAT, "max_tokens": max_tokens,
-                       "temperature": 0.0, "stream": True}).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", srv.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-              b"\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body))
-              + body)
-    return s
+    return non_reader(srv.port, {"model": "demo", "messages": CHAT, "max_tokens": max_tokens,
+                                 "temperature": 0.0, "stream": True}, rid)
 
 
 def test_a_non_reading_stream_stops_taking_decode_steps_in_a_real_lm_worker(

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from mlx_supervisor.gateway.supervisor.group import free_port_block
-from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import ServerProcess, non_reader, wait_for
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,17 +246,8 @@ def _rank0_cpu(srv: ServerProcess) -> float:
 
 
 def _non_reader(srv: ServerProcess, rid: str) -> socket.socket:
-    """A streaming chat request from a client that never reads a byte."""
-    body = json.dumps({"model": "tp", "messages": CHAT, "max_tokens": 150_000,
-                       "temperature": 0.0, "stream": True}).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", srv.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-              b"\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body))
-              + body)
-    return s
+    return non_reader(srv.port, {"model": "tp", "messages": CHAT, "max_tokens": 150_000,
+                                 "temperature": 0.0, "stream": True}, rid)
 
 
 def test_a_non_reading_stream_pauses_in_the_group_and_another_is_served(

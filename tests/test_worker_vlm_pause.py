@@ -6,7 +6,6 @@ is answered while it stays paused."""
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_supervisor.gateway.testing.server import ServerProcess, wait_for
+from mlx_supervisor.gateway.testing.server import ServerProcess, non_reader, wait_for
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate
 from mlx_supervisor.worker.engines.vlm import VLMEngine
 from tests.test_engine_vlm import ask, png
@@ -90,17 +89,10 @@ def test_cancel_while_paused_forgets_the_request(engine: VLMEngine) -> None:
 
 
 def _non_reader(port: int, rid: str) -> socket.socket:
-    body = json.dumps({"model": "vlm", "stream": True, "max_tokens": 3500, "temperature": 0.0,
-                       "logit_bias": {str(k): v for k, v in NO_EOS.items()},
-                       "messages": [{"role": "user", "content": "Say a lot."}]}).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-              b"\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body))
-              + body)
-    return s
+    return non_reader(port, {"model": "vlm", "stream": True, "max_tokens": 3500,
+                             "temperature": 0.0,
+                             "logit_bias": {str(k): v for k, v in NO_EOS.items()},
+                             "messages": [{"role": "user", "content": "Say a lot."}]}, rid)
 
 
 def test_a_paused_vlm_stream_does_not_delay_another_vlm_request(vlm_model_dir: Path) -> None:

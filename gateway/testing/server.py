@@ -6,6 +6,7 @@ Used by the test suite and the benchmarks; lives in the package so both import o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -183,3 +184,18 @@ def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, step: float = 
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     return _alive(pid)
+
+
+def non_reader(port: int, body: dict[str, Any], rid: str,
+               path: str = "/v1/chat/completions") -> socket.socket:
+    """A streaming request from a client that never reads a byte: a 4 KiB receive buffer, so
+    its socket fills after a few events and the gateway's flow control is what it meets."""
+    payload = json.dumps(body).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % path.encode()
+              + b"x-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(payload))
+              + payload)
+    return s

@@ -5,7 +5,6 @@ reading client on the same model is served meanwhile."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -13,7 +12,7 @@ import time
 import httpx
 import psutil
 
-from mlx_supervisor.gateway.testing.server import ServerProcess
+from mlx_supervisor.gateway.testing.server import ServerProcess, non_reader
 
 from ._kit import chat_body, fake, hot, wait_for
 
@@ -32,14 +31,7 @@ BODIES = {
 
 def _non_reader(srv: ServerProcess, rid: str, path: str = "/v1/chat/completions") -> socket.socket:
     """A streaming request for half a million tokens from a client that never reads a byte."""
-    body = json.dumps(BODIES[path]).encode()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(30)
-    s.connect(("127.0.0.1", srv.port))
-    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % path.encode() +
-              b"x-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (rid.encode(), len(body)) + body)
-    return s
+    return non_reader(srv.port, BODIES[path], rid, path)
 
 
 def _rss(srv: ServerProcess) -> int:
