@@ -23,6 +23,7 @@ busy loading or decoding, and decides when the process ends. Exit codes: 0 after
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -107,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A crash in MLX, llguidance or a tokenizer then leaves every thread's Python stack in the
+    # worker's stderr, which the gateway logs (`mlx-supervisor ps` shows its tail).
+    faulthandler.enable()
     args = parse_args(argv)
     process_guard.set_parent_death_signal()
     parent = process_guard.ParentWatch()

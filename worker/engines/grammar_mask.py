@@ -26,22 +26,27 @@ def masked(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.
     """``logits`` (the step's forward pass, not yet run) masked for ``rows``, whose matchers
     first take ``last`` (the tokens sampled the step before).
 
-    The tokens are evaluated on their own (one ``async_eval`` signals one event for all it
-    evaluates, and an array read after the forward pass is queued behind it: either way the
-    matchers would wait for the whole pass). Once they are known, llguidance consumes and
-    masks on a helper thread while this one starts the forward pass: on the CPU backend
-    ``async_eval`` returns only near the end of the graph, with the GIL released.
-    (bench/RESULTS.md, run 8: 16 rows' steps took 1.5x as long before.)"""
-    mx.async_eval(last)
+    Once the tokens are known, llguidance consumes and masks on a helper thread while this one
+    starts the forward pass: on the CPU backend ``async_eval`` returns only near the end of the
+    graph, with the GIL released. (bench/RESULTS.md, run 8: 16 rows' steps took 1.5x as long
+    before.)"""
     return masked_with(rows, last, logits)
 
 
 def masked_with(rows: list[tuple[int, GrammarProcessor]], last: mx.array, logits: mx.array
                 ) -> mx.array:
-    """The matchers take ``last`` (its evaluation already scheduled) and mask on the helper
-    thread while this one runs ``async_eval(logits)``; then the mask is applied."""
+    """The matchers take ``last`` and mask on the helper thread while this one runs
+    ``async_eval(logits)``; then the mask is applied.
+
+    The helper waits on its own array (``stop_gradient`` of ``last``, scheduled here), never on
+    ``last``: ``last`` is an input of the forward pass, and waiting on an array rewrites its
+    event and status while this thread's ``async_eval`` walks the graph that holds it (the
+    likely cause of a worker's SIGSEGV seen once under load). Its own evaluation is queued
+    first, so it does not wait for the whole pass either."""
+    mine = mx.stop_gradient(last)
+    mx.async_eval(mine)
     helper = _helper()
-    helper.start(rows, last, logits.shape[0], logits.shape[-1])
+    helper.start(rows, mine, logits.shape[0], logits.shape[-1])
     try:
         mx.async_eval(logits)
     finally:
