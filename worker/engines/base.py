@@ -23,7 +23,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -41,6 +41,7 @@ from mlx_supervisor.shared.protocol import (
 Emit = Callable[[FromWorker], None]
 
 log = logging.getLogger("mlx_supervisor.worker")
+T = TypeVar("T")
 
 
 class LoadInfo(msgspec.Struct):
@@ -287,3 +288,23 @@ class TokenStep:
         self.called = self.called or bool(calls)
         self._gap = "" if calls else self._gap
         return calls, ""
+
+
+class Paused(set[str]):
+    """The paused ids of an engine that decodes its oldest unpaused live request, one at a time
+    (vlm, sharded). ``st`` is the request's live state, or None when it is not live (queued,
+    finished, cancelled): then pause and resume are no-ops, as the Engine protocol says."""
+
+    def hold(self, request_id: str, st: Any | None) -> None:
+        if st is not None and request_id not in self:
+            self.add(request_id)
+            log.info("%s paused after %d tokens", request_id, st.completion)
+
+    def release(self, request_id: str, st: Any | None) -> None:
+        if st is not None and request_id in self:
+            self.discard(request_id)
+            log.info("%s resumed after %d tokens", request_id, st.completion)
+
+    def oldest(self, live: dict[str, T]) -> T | None:
+        """The oldest live request that is not paused (``live`` is in start order)."""
+        return next((st for rid, st in live.items() if rid not in self), None)

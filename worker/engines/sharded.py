@@ -61,6 +61,7 @@ from mlx_supervisor.worker.engines.base import (
     Emit,
     LoadInfo,
     Markup,
+    Paused,
     TokenStep,
     context_length,
     vocab_size,
@@ -111,7 +112,7 @@ class ShardedEngine:
         self.queue: collections.deque[tuple[Generate, TokenStep]] = collections.deque()
         self.grammars: Grammars | None = None
         self.live: dict[str, _Running] = {}  # started, oldest first; paused ones wait here
-        self.paused: set[str] = set()
+        self.paused = Paused()
         self._slots = 0
         self.peers: list[tuple[int, int]] = []
         self.ranks: list[RankInfo] = []
@@ -168,16 +169,11 @@ class ShardedEngine:
         """Flow control: no rank decodes this request until ``resume``; its slot (and KV cache)
         waits as it is on every rank."""
         st = self.live.get(request_id)
-        if st is not None and not st.cancelled and request_id not in self.paused:
-            self.paused.add(request_id)
-            log.info("%s paused after %d tokens", request_id, st.completion)
+        self.paused.hold(request_id, None if st is None or st.cancelled else st)
         return True
 
     def resume(self, request_id: str) -> None:
-        st = self.live.get(request_id)
-        if st is not None and request_id in self.paused:
-            self.paused.discard(request_id)
-            log.info("%s resumed after %d tokens", request_id, st.completion)
+        self.paused.release(request_id, self.live.get(request_id))
 
     def has_work(self) -> bool:
         return bool(self.queue) or any(rid not in self.paused for rid in self.live)
@@ -201,7 +197,7 @@ class ShardedEngine:
         one token of the oldest unpaused one, on every rank."""
         for st in [s for s in self.live.values() if s.cancelled]:
             self._drop(st)
-        active = next((s for rid, s in self.live.items() if rid not in self.paused), None)
+        active = self.paused.oldest(self.live)
         if active is None and not self.queue:
             return
         st = active if active is not None else self._start(emit)

@@ -56,7 +56,7 @@ from mlx_supervisor.shared.protocol import (
     RankInfo,
     Started,
 )
-from mlx_supervisor.worker.engines.base import Emit, LoadInfo, TokenStep, mlx_memory
+from mlx_supervisor.worker.engines.base import Emit, LoadInfo, Paused, TokenStep, mlx_memory
 from mlx_supervisor.worker.engines.grammar import Grammars
 from mlx_supervisor.worker.engines.lm_sampling import token_logprob
 from mlx_supervisor.worker.validation import (
@@ -100,7 +100,7 @@ class VLMEngine:
         self.vocab_size = 0
         self.queue: deque[_Queued] = deque()
         self.live: dict[str, _Running] = {}  # started, oldest first; paused ones wait here
-        self.paused: set[str] = set()
+        self.paused = Paused()
         self.grammars: Grammars | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -199,24 +199,18 @@ class VLMEngine:
 
     def pause(self, request_id: str) -> bool:
         """Flow control: stop taking tokens for this request (its generator waits as it is)."""
-        st = self.live.get(request_id)
-        if st is not None and request_id not in self.paused:
-            self.paused.add(request_id)
-            log.info("%s paused after %d tokens", request_id, st.completion)
+        self.paused.hold(request_id, self.live.get(request_id))
         return True
 
     def resume(self, request_id: str) -> None:
-        st = self.live.get(request_id)
-        if st is not None and request_id in self.paused:
-            self.paused.discard(request_id)
-            log.info("%s resumed after %d tokens", request_id, st.completion)
+        self.paused.release(request_id, self.live.get(request_id))
 
     def has_work(self) -> bool:
         return self._active() is not None or bool(self.queue)
 
     def _active(self) -> _Running | None:
         """The oldest started request that is not paused."""
-        return next((st for rid, st in self.live.items() if rid not in self.paused), None)
+        return self.paused.oldest(self.live)
 
     # ---------------------------------------------------------------- decoding
 
