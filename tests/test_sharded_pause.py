@@ -32,6 +32,7 @@ import pytest
 from mlx_supervisor.gateway.supervisor.group import free_port_block
 from mlx_supervisor.gateway.testing.server import ServerProcess, non_reader, wait_for
 from mlx_supervisor.shared.protocol import Chunk, Done, Generate
+from mlx_supervisor.worker.testing import drive
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time there was a little robot"
@@ -93,33 +94,19 @@ def rank0_main(path: str, out: str) -> None:
 
 def _run(engine: Any, script: dict[int, list[Any]], sent: list[tuple[int, int]],
          step_code: int) -> dict[str, Any]:
-    """Before step n do ``script[n]``; step until idle. Per step: the ids that got a message
-    and the slots every rank stepped; per request: its text, and whether it was done."""
-    out: dict[str, list[Any]] = {}
+    """:func:`drive` rank 0 through ``script``. Per step: the ids that got a message and the
+    slots every rank stepped; per request: its text, and whether it was done."""
     steps: list[dict[str, Any]] = []
     slots: dict[str, int] = {}
-    n = 0
-    while n <= max(script) or engine.has_work():
-        for action in script.get(n, []):
-            if isinstance(action, Generate):
-                out.setdefault(action.id, [])
-                engine.submit(action, lambda m: out[m.id].append(m))
-            else:
-                getattr(engine, action[0])(action[1])
-        got: set[str] = set()
+    seen = [len(sent)]  # only step() sends STEP: those since the last step are this step's
 
-        def emit(m: Any, got: set[str] = got) -> None:
-            out[m.id].append(m)
-            got.add(m.id)
-
-        before = len(sent)
-        if engine.has_work():
-            engine.step(emit)
+    def on_step(got: set[str]) -> None:
         slots.update({rid: st.slot for rid, st in engine.live.items()})
         steps.append({"got": sorted(got),
-                      "stepped": [s for c, s in sent[before:] if c == step_code]})
-        n += 1
-        assert n < 2000, "the engine never went idle"
+                      "stepped": [s for c, s in sent[seen[0]:] if c == step_code]})
+        seen[0] = len(sent)
+
+    out = drive(engine, script, on_step, limit=2000)
     assert not engine.live and not engine.paused and not engine.queue
     return {"steps": steps, "slots": slots, "sent": sent[:],
             "text": {rid: "".join(m.text for m in ms if isinstance(m, Chunk))

@@ -3,6 +3,7 @@ step, the way the worker's MLX thread does: submit, cancel, pause and resume bet
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,12 @@ class Step:
     got: set[str] = field(default_factory=set)
 
 
-def run_script(engine: Any, script: dict[int, list[Any]]) -> tuple[dict[str, list[Any]], list[Step]]:
+def drive(engine: Any, script: dict[int, list[Any]], on_step: Callable[[set[str]], None],
+          limit: int = 5000) -> dict[str, list[Any]]:
     """Before step n do ``script[n]`` (a Generate is submitted, a str cancelled, ``(verb, id)``
-    calls ``engine.pause``/``resume``/``cancel``); step until idle. Returns each request's
-    messages and every step. Ends with the engine holding nothing."""
+    calls ``engine.pause``/``resume``/``cancel``); step until idle, calling ``on_step`` after
+    each step with the ids that got a message. Returns each request's messages."""
     out: dict[str, list[Any]] = {}
-    steps: list[Step] = []
     n = 0
     while n <= max(script) or engine.has_work():
         for action in script.get(n, []):
@@ -42,9 +43,17 @@ def run_script(engine: Any, script: dict[int, list[Any]]) -> tuple[dict[str, lis
 
         if engine.has_work():
             engine.step(emit)
-        steps.append(Step(engine.solo is not None, got))
+        on_step(got)
         n += 1
-        assert n < 5000, "the engine never went idle"
+        assert n < limit, "the engine never went idle"
+    return out
+
+
+def run_script(engine: Any, script: dict[int, list[Any]]) -> tuple[dict[str, list[Any]], list[Step]]:
+    """:func:`drive` an LM engine through ``script``, recording every step (whether a request
+    decoded alone). Ends with the engine holding nothing."""
+    steps: list[Step] = []
+    out = drive(engine, script, lambda got: steps.append(Step(engine.solo is not None, got)))
     assert not engine.running and not engine.by_id and not engine.paused and engine.solo is None
     return out, steps
 
