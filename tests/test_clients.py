@@ -30,6 +30,7 @@ import openai
 import pydantic
 import pytest
 
+from mlx_supervisor.gateway.testing.sdk import StreamedCalls
 from mlx_supervisor.gateway.testing.server import ServerProcess
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list
@@ -123,19 +124,10 @@ async def _openai_async(client: openai.AsyncOpenAI, kind: str, stream: bool) -> 
         args = [(c.function.name, c.function.arguments, c.id) for c in msg.tool_calls or []]
         text = msg.content or ""
     else:
-        parts: dict[int, list[str]] = {}
-        heads: dict[int, tuple[str, str]] = {}
-        text, finish = "", None
+        got = StreamedCalls()
         async for chunk in await client.chat.completions.create(**kw, stream=True):
-            delta = chunk.choices[0].delta
-            text += delta.content or ""
-            for tc in delta.tool_calls or []:
-                if tc.id:
-                    heads[tc.index] = (tc.function.name if tc.function else "", tc.id)
-                parts.setdefault(tc.index, []).append(
-                    (tc.function.arguments or "") if tc.function else "")
-            finish = chunk.choices[0].finish_reason or finish
-        args = [(heads[i][0], "".join(parts[i]), heads[i][1]) for i in sorted(heads)]
+            got.add(chunk)
+        args, text, finish = got.calls(), got.text, got.finish
     if kind == "call":
         assert finish == "tool_calls" and not text and len(args) == 1
         _call(*args[0])

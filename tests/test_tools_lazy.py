@@ -15,6 +15,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
+from mlx_supervisor.gateway.testing.sdk import StreamedCalls
 from mlx_supervisor.gateway.testing.server import ServerProcess
 from tests.test_tools import ASK, SCHEMAS, TOOLS
 
@@ -51,19 +52,10 @@ def _ask(client: openai.OpenAI, bias: dict[str, int], stream: bool, parallel: bo
         calls = [(c.function.name, c.function.arguments, c.id)
                  for c in choice.message.tool_calls or []]
         return calls, choice.message.content or "", choice.finish_reason
-    heads: dict[int, tuple[str, str]] = {}
-    parts: dict[int, list[str]] = {}
-    text, finish = "", None
+    got = StreamedCalls()
     for chunk in client.chat.completions.create(**args, stream=True):
-        delta = chunk.choices[0].delta
-        text += delta.content or ""
-        for tc in delta.tool_calls or []:
-            if tc.id:
-                heads[tc.index] = (tc.function.name if tc.function else "", tc.id)
-            parts.setdefault(tc.index, []).append(
-                (tc.function.arguments or "") if tc.function else "")
-        finish = chunk.choices[0].finish_reason or finish
-    return [(heads[i][0], "".join(parts[i]), heads[i][1]) for i in sorted(heads)], text, finish
+        got.add(chunk)
+    return got.calls(), got.text, got.finish
 
 
 def _valid(name: str, arguments: str, call_id: str) -> None:
