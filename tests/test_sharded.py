@@ -60,8 +60,12 @@ def srv(demo_model_dir: Path) -> Iterator[ServerProcess]:
         "mpi": {"path": path, "hosts": LOOPBACK2, "backend": "mpi"},
         "far": {"path": path, "hosts": ["127.0.0.1", "192.0.2.1"], "formation_timeout": 10.0},
     }
+    # stream_buffer 512, as in test_sharded_pause: the tiny model outruns a loaded box's
+    # client, and the messages already on their way when the Pause lands can pass 4 x 64, so
+    # a stream these tests read would be cut as slow_consumer (a flow-control limit, not what
+    # they test; CI saw it once in the kill -9 test).
     server = ServerProcess(models, settings={"max_models": 1, "heartbeat_timeout": 20.0,
-                                             "max_crashes": 10})
+                                             "max_crashes": 10, "stream_buffer": 512})
     with server:
         yield server
     assert not server.orphans, f"left behind: {server.orphans}"
